@@ -1,0 +1,21 @@
+"""AnnData keys written and read by cpnn (one place, no scattered string literals)."""
+
+# obsm
+SPATIAL = "spatial"  # (x, y) in full-resolution (level-0) pixels
+WEIGHTS = "cpnn_weights"  # observations x cell types, rows sum to 1
+TRUE_PROPORTIONS = "true_proportions"  # synthetic ground truth (obs x types)
+
+# varm
+PROTOTYPES = "cpnn_prototypes"  # genes x cell types
+
+# layers
+COUNTS = "counts"
+
+# uns
+UNS = "cpnn"  # parameters, cell-type names, provenance
+UNS_INPUT = "cpnn_input"  # image path, microns per pixel, spot diameter, sample id
+
+# obs
+SECTION = "section"
+PATIENT = "patient"
+SAMPLE = "sample"
