@@ -13,6 +13,8 @@ from cpnn.image.slide import (
     open_slide,
     validate_mpp,
 )
+from cpnn.image.tiling import iter_tiles, tile_grid, tile_size_level0, tissue_fraction
+from cpnn.image.tissue import otsu_threshold, rgb_to_hsv, tissue_mask
 
 __all__ = [
     "Slide",
@@ -25,4 +27,11 @@ __all__ = [
     "read_patch",
     "spot_patches",
     "validate_centers",
+    "tissue_mask",
+    "otsu_threshold",
+    "rgb_to_hsv",
+    "tile_grid",
+    "iter_tiles",
+    "tile_size_level0",
+    "tissue_fraction",
 ]
