@@ -662,16 +662,32 @@ def open_slide(path: os.PathLike | str, mpp: Optional[float] = None) -> Slide:
         # strip TIFFs and SubIFD pyramids it rejects go to tifffile.
         if fmt is not None:
             try:
-                return OpenSlideSlide(p, mpp)
+                slide = OpenSlideSlide(p, mpp)
             except CPNNInputError as exc:
                 if exc.field == "mpp":
                     raise
+            else:
+                # OpenSlide ignores pyramids stored as SubIFDs (e.g. OME-TIFF); without
+                # them every downsampled read would decode full resolution
+                if slide.level_count > 1 or _tifffile_level_count(p) <= 1:
+                    return slide
+                slide.close()
         return TiffSlide(p, mpp)
     import openslide
 
     if _detect_openslide(openslide, p) is not None:
         return OpenSlideSlide(p, mpp)
     return PILSlide(p, mpp)
+
+
+def _tifffile_level_count(p: Path) -> int:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(p)) as tif:
+            return len(tif.series[0].levels)
+    except Exception:
+        return 0
 
 
 def _detect_openslide(openslide, p: Path) -> Optional[str]:
