@@ -1,0 +1,428 @@
+"""The CPNN model users hold: owns gene and cell-type names, scaling, training, files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
+
+import numpy as np
+from scipy import sparse
+
+from .. import __version__
+from ..config import CPNNConfig, TrainConfig, config_from_dict, config_to_dict
+from ..errors import CPNNInputError
+from .scaling import FeatureScaler
+
+FORMAT_VERSION = 1
+
+
+def _dense_counts(counts, genes: Sequence[str], what: str = "counts") -> np.ndarray:
+    """Counts as a dense float32 array whose columns follow ``genes``.
+
+    AnnData inputs are aligned by ``var_names``; arrays must already be in gene order.
+    """
+    try:  # AnnData without importing anndata eagerly
+        var_names = counts.var_names
+    except AttributeError:
+        var_names = None
+    if var_names is not None:
+        adata = counts
+        index = {g: i for i, g in enumerate(map(str, var_names))}
+        missing = [g for g in genes if g not in index]
+        if missing:
+            raise CPNNInputError(
+                f"{len(missing)} of the model's {len(genes)} genes are absent from the {what} "
+                f"(e.g. {', '.join(missing[:5])})",
+                field="var_names",
+                fix="use data measured on the same gene panel, or rebuild the prototypes on the shared genes",
+            )
+        x = adata.layers["counts"] if "counts" in getattr(adata, "layers", {}) else adata.X
+        cols = [index[g] for g in genes]
+        x = x[:, cols]
+    else:
+        x = counts
+    x = x.toarray() if sparse.issparse(x) else np.asarray(x)
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != len(genes):
+        raise CPNNInputError(
+            f"{what} has shape {x.shape}; expected (observations, {len(genes)}) in the model's gene order",
+            field=what,
+            fix="pass an AnnData (aligned by gene name) or reorder the columns",
+        )
+    if not np.isfinite(x).all():
+        raise CPNNInputError(f"{what} contains NaN or infinite values", field=what, fix="remove or impute them")
+    if (x < 0).any():
+        raise CPNNInputError(f"{what} contains negative values; raw counts are required", field=what,
+                             fix="pass raw UMI/read counts, not normalised or scaled data")
+    return x
+
+
+class CPNN:
+    """Cell-type Prototype-informed Neural Network.
+
+    Parameters
+    ----------
+    prototypes
+        A :class:`cpnn.prototypes.Prototypes` (or any object with ``values`` K x G,
+        ``cell_types`` and ``genes``); its genes define the model's gene order.
+    config
+        Architecture and loss (:class:`cpnn.CPNNConfig`).
+    train_config
+        Optimisation (:class:`cpnn.TrainConfig`).
+    encoder
+        Optional description of the features' origin (``name``, ``patch_um``, ``out_px``,
+        ...); saved with the model and checked at prediction time.
+
+    Examples
+    --------
+    >>> model = CPNN(prototypes, CPNNConfig(loss="nb"), TrainConfig(max_epochs=50))
+    >>> model.fit(train_features, train_counts, composition_targets="deconvolve")
+    >>> out = model.predict(test_features)
+    >>> out["weights"].shape, out["spot_expr"].shape
+    """
+
+    def __init__(
+        self,
+        prototypes: Any,
+        config: Optional[CPNNConfig] = None,
+        train_config: Optional[TrainConfig] = None,
+        encoder: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        values = np.asarray(prototypes.values, dtype=np.float64)
+        if values.ndim != 2 or values.shape[0] != len(prototypes.cell_types) or values.shape[1] != len(prototypes.genes):
+            raise CPNNInputError(
+                f"prototype matrix has shape {values.shape} for {len(prototypes.cell_types)} types and "
+                f"{len(prototypes.genes)} genes",
+                field="prototypes.values",
+            )
+        if not np.isfinite(values).all() or (values < 0).any():
+            raise CPNNInputError("prototypes must be finite and non-negative", field="prototypes.values")
+        self.prototype_values = values.astype(np.float32)
+        self.cell_types = [str(c) for c in prototypes.cell_types]
+        self.genes = [str(g) for g in prototypes.genes]
+        self.prototype_provenance = dict(getattr(prototypes, "provenance", {}) or {})
+        self.prototype_provenance.setdefault("method", getattr(prototypes, "method", None))
+        self.prototype_provenance.setdefault("label_key", getattr(prototypes, "label_key", None))
+        self.config = config or CPNNConfig()
+        self.train_config = train_config or TrainConfig()
+        self.encoder = dict(encoder or {})
+        self.module = None
+        self.scaler: Optional[FeatureScaler] = None
+        self.log_platform_factor: Optional[np.ndarray] = None
+        self.train_result = None
+        self.split: Dict[str, list] = {}
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def n_types(self) -> int:
+        return len(self.cell_types)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    def _log_prototypes(self) -> np.ndarray:
+        v = self.prototype_values.astype(np.float64)
+        # a pseudo-count far below any expressed value keeps log finite for zeros
+        floor = 1e-6 * max(float(v.mean()), 1e-30)
+        return np.log(v + floor).astype(np.float32)
+
+    def _build_module(self, in_dim: int):
+        import torch
+
+        from ..module.network import CPNNModule
+
+        torch.manual_seed(self.train_config.seed)
+        lpf = None if self.log_platform_factor is None else torch.from_numpy(self.log_platform_factor)
+        self.module = CPNNModule(in_dim, torch.from_numpy(self._log_prototypes()), self.config, lpf)
+        return self.module
+
+    @staticmethod
+    def _as_bags(features, bags=None):
+        from ..train.bags import BagData
+
+        if isinstance(features, (list, tuple)):
+            return BagData.from_bags([np.asarray(f, dtype=np.float32) for f in features])
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2:
+            raise CPNNInputError(f"features must be a 2-D array (patches x dims), got shape {features.shape}",
+                                 field="features")
+        if not np.isfinite(features).all():
+            bad = np.unique(np.nonzero(~np.isfinite(features))[0])
+            raise CPNNInputError(f"features contain NaN/inf in {len(bad)} rows (first: {bad[:5].tolist()})",
+                                 field="features", fix="re-extract those patches or drop them")
+        if bags is None:
+            return BagData.from_spots(features)
+        offsets = np.asarray(bags, dtype=np.int64)
+        return BagData(features, offsets)
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        features,
+        counts,
+        *,
+        bags=None,
+        composition_targets: Union[None, str, np.ndarray] = "deconvolve",
+        groups: Optional[Sequence] = None,
+        val_bags: Optional[Sequence[int]] = None,
+        deconvolution_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> "CPNN":
+        """Train on bags of patch features with one count vector per bag.
+
+        Parameters
+        ----------
+        features
+            ``(N, D)`` array — one patch per observation (spot level), or with ``bags``
+            offsets, or a list of ``(n_b, D)`` arrays, one per bag (slide level).
+        counts
+            ``(B, G)`` raw counts per bag, columns in ``self.genes`` order, or an AnnData
+            (aligned by gene name).
+        bags
+            ``(B + 1,)`` offsets into ``features`` when it is one array of several bags.
+        composition_targets
+            ``"deconvolve"`` (default: deconvolve these training counts against the
+            prototypes, METHOD.md §2, and initialise ``a_g`` with the platform factor),
+            a ``(B, K)`` array, or None (no composition loss).
+        groups
+            Group (patient / section / slide) of each bag; the validation part for early
+            stopping is carved group-wise when there are at least 3 groups.
+        val_bags
+            Explicit indices of the validation bags (overrides the automatic carve).
+        deconvolution_kwargs
+            Passed to :func:`cpnn.prototypes.deconvolve`.
+
+        Returns
+        -------
+        CPNN
+            ``self``, trained, with the best validation epoch's weights.
+        """
+        data = self._as_bags(features, bags)
+        y = _dense_counts(counts, self.genes)
+        if y.shape[0] != data.n_bags:
+            raise CPNNInputError(f"{y.shape[0]} count rows for {data.n_bags} bags of features", field="counts",
+                                 fix="give one count vector per spot/slide, in the order of the features")
+        empty = np.nonzero(y.sum(axis=1) == 0)[0]
+        if len(empty):
+            raise CPNNInputError(f"{len(empty)} observations have zero counts over the model's genes "
+                                 f"(first: {empty[:5].tolist()})", field="counts",
+                                 fix="drop empty spots/samples before training")
+        data.counts = y
+        targets = self._composition_targets(composition_targets, y, deconvolution_kwargs)
+        data.targets = targets
+
+        self.scaler = FeatureScaler.fit(data.features, self.config.feature_scaling)
+        data.features = self.scaler.transform(data.features)
+
+        train_idx, val_idx = self._carve_validation(data.n_bags, groups, val_bags)
+        self.split = {"train": train_idx.tolist(), "val": val_idx.tolist()}
+        train = data.subset(train_idx)
+        val = data.subset(val_idx) if len(val_idx) else None
+
+        from ..train.loop import train_cpnn
+
+        module = self._build_module(data.features.shape[1])
+        self.train_result = train_cpnn(module, train, val, self.config, self.train_config)
+        return self
+
+    def _composition_targets(self, spec, counts: np.ndarray, kwargs) -> Optional[np.ndarray]:
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            if spec != "deconvolve":
+                raise ValueError(f"composition_targets must be 'deconvolve', an array or None; got {spec!r}")
+            from ..prototypes import deconvolve
+
+            result = deconvolve(counts, self.prototype_values, seed=self.train_config.seed, **(kwargs or {}))
+            self.log_platform_factor = np.log(np.clip(result.platform_factor, 1e-8, None)).astype(np.float32)
+            self.log_platform_factor -= self.log_platform_factor.mean()
+            return np.asarray(result.proportions, dtype=np.float32)
+        arr = np.asarray(spec, dtype=np.float32)
+        if arr.shape != (counts.shape[0], self.n_types):
+            raise CPNNInputError(f"composition targets have shape {arr.shape}; expected "
+                                 f"({counts.shape[0]}, {self.n_types})", field="composition_targets")
+        if not np.isfinite(arr).all() or (arr < 0).any():
+            raise CPNNInputError("composition targets must be finite and non-negative", field="composition_targets")
+        sums = arr.sum(axis=1, keepdims=True)
+        return arr / np.where(sums > 0, sums, 1)
+
+    def _carve_validation(self, n: int, groups, val_bags):
+        tc = self.train_config
+        all_idx = np.arange(n)
+        if val_bags is not None:
+            val = np.unique(np.asarray(val_bags, dtype=np.int64))
+            return np.setdiff1d(all_idx, val), val
+        if tc.val_fraction <= 0 or tc.early_stopping == "none":
+            return all_idx, np.zeros(0, dtype=np.int64)
+        rng = np.random.default_rng(tc.seed)
+        if groups is not None:
+            groups = np.asarray(groups)
+            if len(groups) != n:
+                raise CPNNInputError(f"{len(groups)} group labels for {n} observations", field="groups")
+            uniq = np.unique(groups)
+            if len(uniq) >= 3:
+                n_val = max(1, int(round(tc.val_fraction * len(uniq))))
+                val_groups = rng.choice(uniq, n_val, replace=False)
+                mask = np.isin(groups, val_groups)
+                return all_idx[~mask], all_idx[mask]
+        n_val = max(1, int(round(tc.val_fraction * n)))
+        perm = rng.permutation(n)
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+    # ------------------------------------------------------------------ inference
+    def _check_fitted(self) -> None:
+        if self.module is None or self.scaler is None:
+            raise RuntimeError("this CPNN model is not trained yet: call fit() or CPNN.load()")
+
+    def predict(self, features, bags=None, chunk_patches: int = 16384) -> Dict[str, np.ndarray]:
+        """Predict cell-type weights and expression.
+
+        Parameters
+        ----------
+        features
+            As in :meth:`fit`. Every patch is used (no sampling).
+        bags
+            Optional offsets (slide level); without them each row is its own spot.
+        chunk_patches
+            Patches per forward chunk (bounds memory for very large bags).
+
+        Returns
+        -------
+        dict
+            ``weights`` (N, K) per patch; ``spot_expr`` (N, G) per-patch expression
+            (a composition over genes); ``bag_expr`` (B, G); ``bag_weights`` (B, K).
+        """
+        self._check_fitted()
+        data = self._as_bags(features, bags)
+        if data.features.shape[1] != self.module.in_dim:
+            raise CPNNInputError(
+                f"features have {data.features.shape[1]} dimensions but the model was trained on "
+                f"{self.module.in_dim} (encoder {self.encoder.get('name', 'unknown')})",
+                field="features", fix="extract features with the encoder the model was trained with",
+            )
+        data.features = self.scaler.transform(data.features)
+        from ..train.loop import predict_bags
+
+        return predict_bags(self.module, data, chunk_patches=chunk_patches, device=self.train_config.device)
+
+    def prototype_matrix(self) -> np.ndarray:
+        """``(K, G)`` prototypes as used by the trained network (a composition per type)."""
+        self._check_fitted()
+        import torch
+
+        with torch.no_grad():
+            return torch.softmax(self.module.log_prototypes, dim=1).cpu().numpy()
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write one self-describing file (config, names, provenance, encoder, weights)."""
+        self._check_fitted()
+        import torch
+
+        from ..utils import atomic_path
+
+        payload = {
+            "format": "cpnn-model",
+            "format_version": FORMAT_VERSION,
+            "cpnn_version": __version__,
+            "config": config_to_dict(self.config),
+            "train_config": config_to_dict(self.train_config),
+            "genes": self.genes,
+            "cell_types": self.cell_types,
+            "prototypes": torch.from_numpy(self.prototype_values),
+            "prototype_provenance": _jsonable(self.prototype_provenance),
+            "encoder": _jsonable(self.encoder),
+            "in_dim": int(self.module.in_dim),
+            "log_platform_factor": None if self.log_platform_factor is None else torch.from_numpy(self.log_platform_factor),
+            "scaler": self.scaler.to_dict(),
+            "state_dict": self.module.state_dict(),
+            "history": _jsonable(self.train_result.history if self.train_result else []),
+            "best_epoch": int(self.train_result.best_epoch) if self.train_result else -1,
+            "split": self.split,
+        }
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], genes: Optional[Sequence[str]] = None,
+             encoder: Optional[str] = None) -> "CPNN":
+        """Read a model written by :meth:`save`.
+
+        Parameters
+        ----------
+        path
+            The model file.
+        genes
+            If given, the gene order the caller expects; a mismatch raises an error that
+            says what differs.
+        encoder
+            If given, the encoder name the caller's features come from; must match.
+        """
+        import torch
+
+        path = Path(path)
+        if not path.is_file():
+            raise CPNNInputError("model file not found", path=path, fix="pass the path written by CPNN.save / cpnn fit")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise CPNNInputError(f"not a readable cpnn model file ({type(exc).__name__}: {exc})", path=path) from exc
+        if not isinstance(payload, dict) or payload.get("format") != "cpnn-model":
+            raise CPNNInputError("not a cpnn model file (missing 'format': 'cpnn-model')", path=path)
+        if genes is not None and list(genes) != payload["genes"]:
+            _raise_gene_mismatch(path, payload["genes"], list(genes))
+        saved_encoder = (payload.get("encoder") or {}).get("name")
+        if encoder is not None and saved_encoder is not None and encoder != saved_encoder:
+            raise CPNNInputError(f"model was trained on '{saved_encoder}' features, not '{encoder}'", path=path,
+                                 field="encoder", fix=f"extract features with --encoder {saved_encoder}")
+
+        class _P:
+            values = payload["prototypes"].numpy()
+            cell_types = payload["cell_types"]
+            genes = payload["genes"]
+            provenance = payload["prototype_provenance"]
+
+        model = cls(_P(), config_from_dict(CPNNConfig, payload["config"]),
+                    config_from_dict(TrainConfig, payload["train_config"]), payload.get("encoder"))
+        lpf = payload.get("log_platform_factor")
+        model.log_platform_factor = None if lpf is None else lpf.numpy()
+        model.scaler = FeatureScaler.from_dict(payload["scaler"])
+        module = model._build_module(int(payload["in_dim"]))
+        module.load_state_dict(payload["state_dict"])
+        module.eval()
+        model.split = payload.get("split", {})
+        from ..train.loop import TrainResult
+
+        model.train_result = TrainResult(history=payload.get("history", []), best_epoch=payload.get("best_epoch", -1))
+        return model
+
+
+def _raise_gene_mismatch(path, saved, given) -> None:
+    s, g = set(saved), set(given)
+    if s == g:
+        first = next(i for i, (a, b) in enumerate(zip(saved, given)) if a != b)
+        detail = f"same genes in a different order (first difference at position {first}: model '{saved[first]}', given '{given[first]}')"
+    else:
+        detail = (f"{len(s - g)} model genes missing from the input (e.g. {', '.join(sorted(s - g)[:5])}), "
+                  f"{len(g - s)} extra (e.g. {', '.join(sorted(g - s)[:5])})")
+    raise CPNNInputError(f"gene order does not match the model: {detail}", path=path, field="genes",
+                         fix="align the input's genes to the model's (CPNN.genes) before predicting")
+
+
+def _jsonable(obj):
+    """Lists/dicts/str/float only, so the file loads with torch's weights_only=True."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)

@@ -1,0 +1,202 @@
+"""Baselines that regress log1p CP10k expression directly from features.
+
+- :class:`RidgeProbe` — the HEST-Benchmark probe (standardise, PCA to 256, ridge). Its
+  published penalty ``100 / (256 * n_genes)`` is almost no regularisation on a few hundred
+  spots; ``alphas="cv"`` picks it by inner cross-validation on the training groups, the
+  fair comparison.
+- :class:`MLPRegressor` — a small MLP with MSE on log1p CP10k and early stopping.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+DEFAULT_ALPHA_GRID = tuple(10.0 ** np.arange(-2, 9))
+
+
+class RidgeProbe:
+    """Standardise -> PCA(n_components) -> ridge, solved for all penalties at once by SVD.
+
+    Parameters
+    ----------
+    n_components
+        PCA dimensions (256 in HEST-Benchmark); capped by the number of training rows.
+    alphas
+        ``"hest"`` — HEST-Benchmark's fixed ``100 / (n_components * n_genes)``;
+        ``"cv"`` — chosen from :data:`DEFAULT_ALPHA_GRID` by inner cross-validation
+        (grouped by ``groups`` in :meth:`fit` when given); or a list to cross-validate over.
+    n_inner_folds
+        Folds of the inner cross-validation.
+    seed
+        For the inner folds when there are no groups.
+    """
+
+    def __init__(self, n_components: int = 256, alphas: Union[str, Sequence[float]] = "cv",
+                 n_inner_folds: int = 4, seed: int = 0) -> None:
+        self.n_components = n_components
+        self.alphas = alphas
+        self.n_inner_folds = n_inner_folds
+        self.seed = seed
+        self.alpha_: Optional[float] = None
+        self.cv_scores_: Optional[dict] = None
+
+    # -- plumbing --------------------------------------------------------------
+    def _fit_transform_basis(self, x: np.ndarray):
+        mean = x.mean(axis=0)
+        std = x.std(axis=0)
+        std[std == 0] = 1.0
+        z = (x - mean) / std
+        k = min(self.n_components, z.shape[0] - 1, z.shape[1])
+        _, _, vt = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
+        comps = vt[:k]
+        return mean, std, comps
+
+    @staticmethod
+    def _ridge_path(p: np.ndarray, y: np.ndarray, alphas: Sequence[float]):
+        """Coefficients (len(alphas), k, G) and intercepts for each alpha, via one SVD."""
+        pm, ym = p.mean(axis=0), y.mean(axis=0)
+        u, s, vt = np.linalg.svd(p - pm, full_matrices=False)
+        uty = u.T @ (y - ym)
+        coefs = []
+        for a in alphas:
+            d = s / (s * s + a)
+            coefs.append(vt.T @ (d[:, None] * uty))
+        coefs = np.stack(coefs)
+        intercepts = ym[None, :] - np.einsum("k,akg->ag", pm, coefs)
+        return coefs, intercepts
+
+    def _project(self, x, mean, std, comps):
+        return ((x - mean) / std) @ comps.T
+
+    # -- API -------------------------------------------------------------------
+    def fit(self, features: np.ndarray, targets: np.ndarray, groups: Optional[Sequence] = None) -> "RidgeProbe":
+        """Fit on ``(N, D)`` features and ``(N, G)`` targets (log1p CP10k)."""
+        x = np.asarray(features, dtype=np.float64)
+        y = np.asarray(targets, dtype=np.float64)
+        if isinstance(self.alphas, str) and self.alphas == "hest":
+            k = min(self.n_components, x.shape[0] - 1, x.shape[1])
+            self.alpha_ = 100.0 / (k * y.shape[1])
+        else:
+            grid = DEFAULT_ALPHA_GRID if isinstance(self.alphas, str) else tuple(self.alphas)
+            self.alpha_ = self._inner_cv(x, y, grid, groups)
+        self.mean_, self.std_, self.components_ = self._fit_transform_basis(x)
+        p = self._project(x, self.mean_, self.std_, self.components_)
+        coefs, inter = self._ridge_path(p, y, [self.alpha_])
+        self.coef_, self.intercept_ = coefs[0], inter[0]
+        return self
+
+    def _inner_cv(self, x, y, grid, groups) -> float:
+        n = len(x)
+        if groups is not None and len(np.unique(groups)) >= 2:
+            g = np.asarray(groups)
+            uniq = np.unique(g)
+            folds = [np.isin(g, chunk) for chunk in np.array_split(uniq, min(self.n_inner_folds, len(uniq)))]
+        else:
+            perm = np.random.default_rng(self.seed).permutation(n)
+            folds = []
+            for chunk in np.array_split(perm, self.n_inner_folds):
+                m = np.zeros(n, bool)
+                m[chunk] = True
+                folds.append(m)
+        scores = np.zeros(len(grid))
+        for test_mask in folds:
+            tr = ~test_mask
+            mean, std, comps = self._fit_transform_basis(x[tr])
+            coefs, inter = self._ridge_path(self._project(x[tr], mean, std, comps), y[tr], grid)
+            pte = self._project(x[test_mask], mean, std, comps)
+            for i in range(len(grid)):
+                pred = pte @ coefs[i] + inter[i]
+                scores[i] += _mean_pearson(pred, y[test_mask]) / len(folds)
+        self.cv_scores_ = dict(zip(map(float, grid), scores.tolist()))
+        return float(grid[int(np.nanargmax(scores))])
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """``(N, G)`` predicted targets."""
+        p = self._project(np.asarray(features, dtype=np.float64), self.mean_, self.std_, self.components_)
+        return p @ self.coef_ + self.intercept_
+
+
+def _mean_pearson(pred: np.ndarray, true: np.ndarray) -> float:
+    a = pred - pred.mean(0)
+    b = true - true.mean(0)
+    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    ok = den > 1e-12
+    return float(((a * b).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
+
+
+class MLPRegressor:
+    """Features -> hidden -> genes, MSE on log1p CP10k, AdamW, early stopping on a
+    validation part of the training data (grouped when groups are given).
+
+    Parameters
+    ----------
+    hidden
+        Hidden width.
+    dropout, weight_decay, lr, max_epochs, patience, batch_size, val_fraction, seed
+        Usual meanings.
+    """
+
+    def __init__(self, hidden: int = 256, dropout: float = 0.25, weight_decay: float = 1e-2, lr: float = 1e-3,
+                 max_epochs: int = 300, patience: int = 20, batch_size: int = 64, val_fraction: float = 0.15,
+                 seed: int = 0) -> None:
+        self.hidden, self.dropout, self.weight_decay, self.lr = hidden, dropout, weight_decay, lr
+        self.max_epochs, self.patience, self.batch_size = max_epochs, patience, batch_size
+        self.val_fraction, self.seed = val_fraction, seed
+
+    def fit(self, features: np.ndarray, targets: np.ndarray, groups: Optional[Sequence] = None) -> "MLPRegressor":
+        import copy
+
+        import torch
+        from torch import nn
+
+        from .scaling import FeatureScaler
+
+        rng = np.random.default_rng(self.seed)
+        torch.manual_seed(self.seed)
+        self.scaler_ = FeatureScaler.fit(features, "robust")
+        x = torch.from_numpy(self.scaler_.transform(features))
+        y_np = np.asarray(targets, dtype=np.float32)
+        self.y_mean_ = y_np.mean(0)
+        y = torch.from_numpy(y_np - self.y_mean_)
+        n = len(x)
+        if groups is not None and len(np.unique(groups)) >= 3:
+            g = np.asarray(groups)
+            vg = rng.choice(np.unique(g), max(1, int(round(self.val_fraction * len(np.unique(g))))), replace=False)
+            val = np.isin(g, vg)
+        else:
+            val = np.zeros(n, bool)
+            val[rng.permutation(n)[: max(1, int(round(self.val_fraction * n)))]] = True
+        tr_idx, va_idx = np.nonzero(~val)[0], np.nonzero(val)[0]
+        self.net_ = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(x.shape[1], self.hidden), nn.GELU(),
+                                  nn.Dropout(self.dropout), nn.Linear(self.hidden, y.shape[1]))
+        opt = torch.optim.AdamW(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        best, best_state, since = -np.inf, None, 0
+        for _ in range(self.max_epochs):
+            self.net_.train()
+            order = rng.permutation(tr_idx)
+            for s in range(0, len(order), self.batch_size):
+                b = torch.from_numpy(order[s : s + self.batch_size])
+                loss = torch.mean((self.net_(x[b]) - y[b]) ** 2)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            self.net_.eval()
+            with torch.no_grad():
+                score = _mean_pearson(self.net_(x[va_idx]).numpy(), y[va_idx].numpy())
+            if score > best:
+                best, best_state, since = score, copy.deepcopy(self.net_.state_dict()), 0
+            else:
+                since += 1
+                if since >= self.patience:
+                    break
+        self.net_.load_state_dict(best_state)
+        self.net_.eval()
+        return self
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            out = self.net_(torch.from_numpy(self.scaler_.transform(features))).numpy()
+        return out + self.y_mean_

@@ -1,0 +1,238 @@
+"""Plain-PyTorch training loop for CPNN (METHOD.md §5, with the weak points fixed).
+
+- Early stopping on a validation part carved from the *training* data; the best weights
+  are restored at the end.
+- Every tile of a validation/test bag is used, deterministically; random subsampling of
+  large bags happens only in training steps.
+- One seed drives batch order and patch sampling.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..config import CPNNConfig, TrainConfig
+from ..module import losses
+from ..module.network import CPNNModule
+from .bags import BagData
+
+
+@dataclass
+class TrainResult:
+    """What happened during training."""
+
+    history: List[Dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_score: float = float("nan")
+    epochs_run: int = 0
+    seconds: float = 0.0
+    criterion: str = "none"
+
+
+def _bag_loss(
+    module: CPNNModule,
+    out: Dict[str, torch.Tensor],
+    counts: torch.Tensor,
+    targets: Optional[torch.Tensor],
+    config: CPNNConfig,
+) -> Dict[str, torch.Tensor]:
+    expr = losses.expression_loss(config.loss, out["bag_expr"], counts, module.log_theta)
+    total = expr
+    parts = {"expr": expr}
+    if targets is not None and config.composition_weight > 0:
+        comp = losses.composition_loss(out["bag_weights"], targets)
+        total = total + config.composition_weight * comp
+        parts["composition"] = comp
+    if config.template_weight > 0 and config.learn_prototypes:
+        tmpl = module.template_penalty()
+        total = total + config.template_weight * tmpl
+        parts["template"] = tmpl
+    parts["total"] = total
+    return parts
+
+
+@torch.no_grad()
+def predict_bags(
+    module: CPNNModule,
+    data: BagData,
+    chunk_patches: int = 16384,
+    device: str = "cpu",
+    return_patch_outputs: bool = True,
+) -> Dict[str, np.ndarray]:
+    """Deterministic prediction on every patch of every bag, in bounded-memory chunks.
+
+    Returns
+    -------
+    dict
+        ``bag_expr`` (B, G) and ``bag_weights`` (B, K); with ``return_patch_outputs``
+        also ``weights`` (N, K) and ``spot_expr`` (N, G) per patch.
+    """
+    module.eval()
+    n_patches = len(data.features)
+    n_bags = data.n_bags
+    bag_of_patch = np.repeat(np.arange(n_bags), data.sizes)
+    proto = module.prototype_expression()
+    bag_sum = torch.zeros((n_bags, module.n_genes), dtype=torch.float64)
+    bag_w = torch.zeros((n_bags, module.n_types), dtype=torch.float64)
+    patch_w = np.empty((n_patches, module.n_types), dtype=np.float32) if return_patch_outputs else None
+    patch_e = np.empty((n_patches, module.n_genes), dtype=np.float32) if return_patch_outputs else None
+    for start in range(0, n_patches, chunk_patches):
+        stop = min(start + chunk_patches, n_patches)
+        x = torch.from_numpy(data.features[start:stop]).to(device)
+        w = module.weights(x)
+        e = module._apply_gene_factors(w @ proto)
+        seg = torch.from_numpy(bag_of_patch[start:stop])
+        bag_sum.index_add_(0, seg, e.double().cpu())
+        bag_w.index_add_(0, seg, w.double().cpu())
+        if return_patch_outputs:
+            patch_w[start:stop] = w.cpu().numpy()
+            patch_e[start:stop] = (e / e.sum(dim=1, keepdim=True)).cpu().numpy()
+    sizes = torch.from_numpy(np.maximum(data.sizes, 1)).double()[:, None]
+    bag_mean = bag_sum / sizes
+    out = {
+        "bag_expr": (bag_mean / bag_mean.sum(dim=1, keepdim=True).clamp_min(1e-300)).float().numpy(),
+        "bag_weights": (bag_w / sizes).float().numpy(),
+    }
+    if return_patch_outputs:
+        out["weights"] = patch_w
+        out["spot_expr"] = patch_e
+    return out
+
+
+def _mean_gene_pearson(pred_comp: np.ndarray, counts: np.ndarray) -> float:
+    """Mean over genes of Pearson across bags, on log1p CP10k (constant genes skipped)."""
+    x = np.log1p(pred_comp * 1e4)
+    tot = counts.sum(axis=1, keepdims=True)
+    y = np.log1p(counts / np.maximum(tot, 1e-12) * 1e4)
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    den = np.sqrt((x * x).sum(0) * (y * y).sum(0))
+    ok = den > 1e-12
+    if not ok.any():
+        return float("nan")
+    return float(((x * y).sum(0)[ok] / den[ok]).mean())
+
+
+def _evaluate(module, data: BagData, config: CPNNConfig, device: str) -> Dict[str, float]:
+    pred = predict_bags(module, data, device=device, return_patch_outputs=False)
+    counts = torch.from_numpy(data.counts)
+    out = {"bag_expr": torch.from_numpy(pred["bag_expr"]), "bag_weights": torch.from_numpy(pred["bag_weights"])}
+    targets = None if data.targets is None else torch.from_numpy(data.targets)
+    with torch.no_grad():
+        parts = _bag_loss(module, out, counts, targets, config)
+    metrics = {f"val_{k}": float(v) for k, v in parts.items()}
+    metrics["val_pcc"] = _mean_gene_pearson(pred["bag_expr"], data.counts)
+    metrics["val_loss"] = metrics.pop("val_total")
+    return metrics
+
+
+def train_cpnn(
+    module: CPNNModule,
+    train: BagData,
+    val: Optional[BagData],
+    config: CPNNConfig,
+    train_config: TrainConfig,
+) -> TrainResult:
+    """Fit ``module`` in place and restore its best weights.
+
+    Parameters
+    ----------
+    module
+        The network, initialised.
+    train
+        Training bags with ``counts`` (and optionally composition ``targets``).
+    val
+        Validation bags carved from the training data, or None (then no early stopping:
+        the last epoch is kept).
+    config, train_config
+        Model and optimisation settings.
+
+    Returns
+    -------
+    TrainResult
+    """
+    if train.counts is None:
+        raise ValueError("training bags need counts")
+    tc = train_config
+    device = tc.device
+    module.to(device)
+    rng = np.random.default_rng(tc.seed)
+    torch.manual_seed(tc.seed)
+    opt = torch.optim.AdamW(module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma)
+    features = torch.from_numpy(train.features)
+    counts = torch.from_numpy(train.counts)
+    targets = None if train.targets is None else torch.from_numpy(train.targets)
+
+    criterion = tc.early_stopping if val is not None else "none"
+    maximise = criterion == "val_pcc"
+    best = -math.inf if maximise else math.inf
+    best_state = None
+    result = TrainResult(criterion=criterion)
+    since_best = 0
+    t0 = time.perf_counter()
+    bar = None
+    if tc.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.max_epochs, desc="training", unit="epoch", leave=False)
+    try:
+        for epoch in range(tc.max_epochs):
+            module.train()
+            order = rng.permutation(train.n_bags)
+            totals = []
+            for start in range(0, train.n_bags, tc.batch_size):
+                bags = order[start : start + tc.batch_size]
+                rows, local = train.patch_index(bags, tc.max_patches_per_bag, rng)
+                out = module(
+                    features[rows].to(device), torch.from_numpy(local).to(device), n_bags=len(bags)
+                )
+                parts = _bag_loss(
+                    module,
+                    out,
+                    counts[bags].to(device),
+                    None if targets is None else targets[bags].to(device),
+                    config,
+                )
+                opt.zero_grad(set_to_none=True)
+                parts["total"].backward()
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip)
+                opt.step()
+                totals.append(float(parts["total"].detach()))
+            sched.step()
+            record = {"epoch": epoch, "train_loss": float(np.mean(totals))}
+            if val is not None:
+                record.update(_evaluate(module, val, config, device))
+            result.history.append(record)
+            result.epochs_run = epoch + 1
+            if criterion != "none":
+                score = record[criterion]
+                improved = score > best if maximise else score < best
+                if improved or best_state is None:
+                    best, best_state = score, copy.deepcopy(module.state_dict())
+                    result.best_epoch, result.best_score = epoch, float(score)
+                    since_best = 0
+                else:
+                    since_best += 1
+            if bar is not None:
+                bar.update(1)
+                shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("train_loss", "val_loss", "val_pcc")}
+                bar.set_postfix(shown)
+            if criterion != "none" and since_best >= tc.patience:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    else:
+        result.best_epoch = result.epochs_run - 1
+    result.seconds = time.perf_counter() - t0
+    return result
