@@ -218,3 +218,42 @@ def test_lite0_on_real_slide(tmp_path):
     assert ff.attrs["patch_size_level0"] == round(112.0 / slide.mpp)
     direct = enc.encode(np.concatenate(list(spot_patches(slide, centers))))
     np.testing.assert_allclose(ff.features, direct, rtol=1e-4, atol=1e-4)
+
+
+def _tissue_slide():
+    rng = np.random.default_rng(3)
+    img = np.full((256, 384, 3), 245, dtype=np.uint8)
+    # a pink/purple "tissue" block on white glass, with texture
+    img[40:200, 60:300] = rng.integers(90, 200, size=(160, 240, 3), dtype=np.uint8)
+    return ArraySlide(img, mpp=1.0, name="tissue")
+
+
+def test_tile_features_match_reference_and_resume(tmp_path):
+    from cpnn.encoders import extract_tile_features
+    from cpnn.image import iter_tiles, tile_grid
+
+    slide = _tissue_slide()
+    enc = _encoder()
+    out = tmp_path / "tiles.h5"
+    # 32 px at 2 um/px = 64 level-0 px per tile
+    ff = extract_tile_features(slide, out, enc, tile_px=32, target_mpp=2.0, batch_size=5,
+                               min_tissue=0.5, progress=False)
+    grid = tile_grid(slide, tile_px=32, target_mpp=2.0, min_tissue=0.5)
+    assert 0 < len(grid) < 24  # background tiles dropped
+    np.testing.assert_array_equal(ff.coords, grid)
+    ref = enc.encode(np.concatenate(list(iter_tiles(slide, grid, tile_px=32, target_mpp=2.0))))
+    np.testing.assert_allclose(ff.features, ref, rtol=1e-6, atol=1e-6)
+    a = ff.attrs
+    assert (a["patch_size_px"], a["patch_um"], a["mpp"], a["level0_mpp"], a["patch_size_level0"]) \
+        == (32, 64.0, 2.0, 1.0, 64)
+    assert a["kind"] == "tiles" and ff.ids is None
+    calls = enc.model.calls
+    extract_tile_features(slide, out, enc, tile_px=32, target_mpp=2.0, min_tissue=0.5,
+                          progress=False)
+    assert enc.model.calls == calls  # resumed
+    # other tiles -> recomputed
+    ff2 = extract_tile_features(slide, out, enc, tile_px=32, target_mpp=2.0, min_tissue=0.0,
+                                progress=False)
+    assert enc.model.calls > calls and len(ff2) == 24
+    with pytest.raises(CPNNInputError, match="tile_px"):
+        extract_tile_features(slide, tmp_path / "x.h5", enc, tile_px=0, progress=False)

@@ -308,21 +308,11 @@ def extract_spot_features(slide: Any, centers_xy: Any, ids: Optional[Sequence[An
     return _extract_to_file(out_path, batches, n, coords, ids, encoder, attrs, tta, progress)
 
 
-def _grid_coords(grid: Any) -> np.ndarray:
-    """Top-left level-0 corners from whatever ``tile_grid`` returns."""
-    for key in ("coords", "xy", "coords_xy"):
-        if hasattr(grid, key):
-            return np.asarray(getattr(grid, key))
-        if isinstance(grid, dict) and key in grid:
-            return np.asarray(grid[key])
-    return np.asarray(grid)
-
-
 def extract_tile_features(slide: Any, out_path: os.PathLike | str, encoder: Encoder,
                           tile_px: int = 256, target_mpp: float = 0.5,
                           batch_size: int = 32, overwrite: bool = False, num_workers: int = 1,
                           tta: str = "none", progress: bool = True,
-                          **grid_kw: Any) -> FeatureFile:
+                          coords: Optional[Any] = None, **grid_kw: Any) -> FeatureFile:
     """Encode a grid of tiles over the slide's tissue and save a feature file.
 
     Parameters
@@ -340,8 +330,11 @@ def extract_tile_features(slide: Any, out_path: os.PathLike | str, encoder: Enco
         Resolution of the tiles, microns per pixel.
     batch_size, overwrite, num_workers, tta, progress
         As in :func:`extract_spot_features`.
+    coords
+        (N, 2) top-left level-0 corners of the tiles; default
+        ``cpnn.image.tile_grid(slide, tile_px, target_mpp, **grid_kw)`` (tissue tiles).
     **grid_kw
-        Passed to ``cpnn.image.tile_grid`` (e.g. tissue-mask options).
+        Passed to ``tile_grid`` (``min_tissue``, ``mask``).
 
     Returns
     -------
@@ -349,25 +342,16 @@ def extract_tile_features(slide: Any, out_path: os.PathLike | str, encoder: Enco
         Read back from ``out_path`` (and not recomputed when it is complete and was made
         with the same encoder, tile size, resolution, tta and tile positions).
     """
-    import cpnn.image as image
+    from cpnn.image import iter_tiles, tile_grid, tile_size_level0
 
     out_path = Path(out_path)
     _check_tta(tta)
     batch_size = _check_batch_size(batch_size)
-    if int(tile_px) != tile_px or tile_px < 1:
-        raise CPNNInputError(f"tile_px must be a positive integer, got {tile_px!r}.",
-                             field="tile_px", fix="pass e.g. tile_px=256.")
-    if not (np.isfinite(target_mpp) and target_mpp > 0):
-        raise CPNNInputError(f"target_mpp must be positive, got {target_mpp!r}.",
-                             field="target_mpp", fix="pass e.g. target_mpp=0.5.")
-    tile_grid = getattr(image, "tile_grid", None)
-    if tile_grid is None:  # pragma: no cover - depends on cpnn.image's progress
-        raise CPNNInputError("this cpnn.image has no tile_grid().", field="tile_grid",
-                             fix="update cpnn.")
+    side = tile_size_level0(slide, tile_px, target_mpp)  # validates tile_px, target_mpp
     tile_px = int(tile_px)
-    side = tile_px * float(target_mpp) / float(slide.mpp)  # level-0 pixels
-    coords = np.round(_grid_coords(tile_grid(slide, tile_px=tile_px, target_mpp=target_mpp,
-                                             **grid_kw))).astype(np.int64).reshape(-1, 2)
+    if coords is None:
+        coords = tile_grid(slide, tile_px=tile_px, target_mpp=target_mpp, **grid_kw)
+    coords = validate_coords(coords, len(np.asarray(coords)), out_path)
     n = len(coords)
     patch_um = tile_px * float(target_mpp)
     attrs = {
@@ -388,11 +372,8 @@ def extract_tile_features(slide: Any, out_path: os.PathLike | str, encoder: Enco
         return read_feature_file(out_path)
 
     def decode(sl: slice) -> np.ndarray:
-        block = coords[sl]
-        batch = np.empty((len(block), tile_px, tile_px, 3), dtype=np.uint8)
-        for j, (x, y) in enumerate(block):
-            batch[j] = slide.read_region(float(x), float(y), side, side, out_size=(tile_px, tile_px))
-        return batch
+        return next(iter(iter_tiles(slide, coords[sl], tile_px=tile_px, target_mpp=target_mpp,
+                                    batch_size=sl.stop - sl.start)))
 
     batches = _ordered_map(decode, _chunks(n, batch_size), num_workers)
     return _extract_to_file(out_path, batches, n, coords, None, encoder, attrs, tta, progress)
