@@ -18,6 +18,7 @@ diagnostic slide).
 """
 from __future__ import annotations
 
+import csv
 import gzip
 import logging
 import os
@@ -321,6 +322,25 @@ def detect_orientation(df: pd.DataFrame) -> tuple[str, str]:
     )
 
 
+def _read_labelled_table(path: Path, sep: str) -> pd.DataFrame:
+    """Table with labels in the first column and the header, keeping duplicated header
+    labels as they are (pandas would rename the second ``ACTB`` to ``ACTB.1``)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as fh:
+        header = next(csv.reader([fh.readline().rstrip("\r\n")], delimiter=sep))
+    df = pd.read_csv(path, sep=sep, header=None, skiprows=1, index_col=0)
+    if len(header) == df.shape[1] + 1:
+        header = header[1:]
+    elif len(header) != df.shape[1]:  # R's write.table omits the corner label
+        raise CPNNInputError(
+            f"header has {len(header)} fields for {df.shape[1]} value columns.", path=path,
+            field="header", fix="give one header label per column (the first may be empty).",
+        )
+    df.columns = [str(h) for h in header]
+    df.index = df.index.astype(str)
+    return df
+
+
 def read_bulk_table(
     path: os.PathLike | str,
     orientation: str = "auto",
@@ -358,11 +378,11 @@ def read_bulk_table(
         chosen, reason = "samples_x_genes", "h5ad (obs = samples)"
     else:
         sep = "," if re.search(r"\.csv(\.gz)?$", name) else "\t"
-        df = pd.read_csv(path, sep=sep, index_col=0)
+        df = _read_labelled_table(path, sep)
         if df.shape[1] == 0:
             raise CPNNInputError("table has a single column; wrong separator?", path=path,
                                  fix="use ',' for .csv and tab for .tsv/.txt files.")
-        non_num = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+        non_num = [c for c, dt in zip(df.columns, df.dtypes) if not pd.api.types.is_numeric_dtype(dt)]
         if non_num:
             raise CPNNInputError(
                 f"{len(non_num)} non-numeric column(s), e.g. {non_num[:3]}.", path=path,
