@@ -46,7 +46,14 @@ def test_no_group_on_two_sides(sizes, n_folds, seed, val_fraction):
         with pytest.raises(CPNNInputError, match="group"):
             grouped_folds(groups, n_folds=n_folds, seed=seed)
         return
+    plain = grouped_folds(groups, n_folds=n_folds, seed=seed)
+    if val_fraction > 0 and min(len(f["train"]) for f in plain) < 2:
+        with pytest.raises(CPNNInputError, match="nothing to carve"):
+            grouped_folds(groups, n_folds=n_folds, seed=seed, val_fraction=val_fraction)
+        return
     folds = grouped_folds(groups, n_folds=n_folds, seed=seed, val_fraction=val_fraction)
+    # the validation carve-out never changes which groups are tested
+    assert [f["test"] for f in folds] == [f["test"] for f in plain]
     assert len(folds) == n_folds and all(f["test"] for f in folds)
     _assert_partition(folds, groups)
     check_no_leakage(folds, groups)

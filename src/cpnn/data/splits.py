@@ -66,6 +66,11 @@ def _carve_val(
             n += int((g == train_groups[j]).sum())
         val_mask = np.isin(g[train_idx], val_groups)
         return sorted(val_groups), train_idx[~val_mask], train_idx[val_mask], "groups"
+    if len(train_idx) < 2:
+        raise CPNNInputError(
+            f"{len(train_idx)} training observation(s): nothing to carve a validation part from.",
+            field="val_fraction", fix="use val_fraction=0 or fewer folds.",
+        )
     n_val = int(round(val_fraction * len(train_idx)))
     n_val = min(max(n_val, 1), len(train_idx) - 1)
     perm = rng.permutation(len(train_idx))
