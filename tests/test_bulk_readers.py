@@ -187,6 +187,18 @@ def test_parse_barcodes():
             parse_tcga_barcode(bad)
 
 
+def test_real_tcga_slide_name():
+    from cpnn.utils import find_data_dir
+
+    data = find_data_dir()
+    if data is None or not (data / "wsi").is_dir():
+        pytest.skip("real data folder (../shared/data/wsi) not found")
+    names = sorted(p.name for p in (data / "wsi").glob("tcga-*.svs"))
+    assert names, "expected the TCGA slide fixture in ../shared/data/wsi"
+    m = match_slides_to_samples(names, ["TCGA-CR-7395-01A-11R-A32Z-07"])
+    assert m.loc[0, "sample"] == "TCGA-CR-7395-01A-11R-A32Z-07" and m.loc[0, "match"] == "sample_vial"
+
+
 def test_match_slides_to_samples():
     slides = [
         "TCGA-CR-7395-01A-01-TS1.aaaa.svs",   # exact vial A

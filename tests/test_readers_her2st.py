@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cpnn.data import read_her2st, read_her2st_clusters, read_her2st_proportions
+from cpnn.data import read_her2st, read_her2st_clusters, read_her2st_proportions, read_spatial_h5ad
 from cpnn.data.her2st import fit_pixel_pitch, read_spot_file
 from cpnn.errors import CPNNInputError
 from cpnn.utils import find_data_dir
@@ -84,6 +84,13 @@ def test_given_mpp_kept_and_h5ad_roundtrip(tmp_path):
     a.write_h5ad(tmp_path / "c3.h5ad")
     b = ad.read_h5ad(tmp_path / "c3.h5ad")
     np.testing.assert_array_equal(b.obsm["spatial"], a.obsm["spatial"])
+    # the generic reader takes image and mpp back from uns["cpnn_input"]
+    c = read_spatial_h5ad(tmp_path / "c3.h5ad")
+    assert (c.X != a.X).nnz == 0
+    assert c.uns["cpnn_input"]["mpp"] == 0.7
+    assert c.uns["cpnn_input"]["image_path"] == a.uns["cpnn_input"]["image_path"]
+    assert c.uns["cpnn_input"]["platform"] == "legacy_st"
+    assert set(c.obs["patient"]) == {"C"}
 
 
 @pytest.mark.parametrize("level,n_types", [("major", 8), ("minor", 22), ("subset", 41)])
