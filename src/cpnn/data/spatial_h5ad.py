@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 
 from cpnn import _constants as K
 from cpnn.data._validate import (
