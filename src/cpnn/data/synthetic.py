@@ -379,7 +379,7 @@ def load_synthetic_cohort(directory: os.PathLike | str) -> SyntheticCohort:
         spots = ad.read_h5ad(need(entry["spots"]))
         spots.uns[UNS_INPUT] = dict(spots.uns[UNS_INPUT])
         spots.uns[UNS_INPUT]["image_path"] = str(png.resolve())
-        cells = pd.read_csv(need(entry["cells"]))
+        cells = pd.read_csv(need(entry["cells"]), float_precision="round_trip")
         cells["cell_type"] = pd.Categorical(cells["cell_type"], categories=cell_types)
         slides.append(SyntheticSlide(
             slide_id=entry["slide_id"], patient_id=entry["patient_id"], image=image,
