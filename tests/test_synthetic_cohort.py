@@ -327,3 +327,18 @@ def test_more_than_eight_types_and_other_geometry():
     assert s.image.shape == (300, 300, 3)
     assert s.spots.obsm["true_proportions"].shape[1] == 9
     np.testing.assert_allclose(s.spots.obsm["true_proportions"].sum(1), 1.0)
+
+
+def test_saved_slides_are_read_by_the_generic_spatial_reader(cohort, tmp_path):
+    try:
+        from cpnn.data.spatial_h5ad import read_spatial_h5ad
+    except ImportError:  # the readers live in another part of the package
+        pytest.skip("cpnn.data.spatial_h5ad is not available")
+    out = cohort.save(tmp_path / "c")
+    s = cohort.slides[0]
+    a = read_spatial_h5ad(out / f"{s.slide_id}.h5ad", require_image=True)
+    assert a.uns["cpnn_input"]["mpp"] == 0.5
+    assert a.uns["cpnn_input"]["image_path"].endswith(f"{s.slide_id}.png")
+    X = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
+    np.testing.assert_array_equal(X, np.asarray(s.spots.X))
+    np.testing.assert_array_equal(a.obsm["spatial"], s.spots.obsm["spatial"])
