@@ -216,6 +216,13 @@ def _extract_to_file(out_path: Path, batches: Iterable[np.ndarray], n: int, coor
     return read_feature_file(out_path)
 
 
+def _warm_up(slide: Any, num_workers: int) -> None:
+    # backends that decode the whole image on first read (plain JPEG/PNG) would otherwise
+    # do it once per worker thread, all at the same time
+    if num_workers > 1:
+        slide.read_region(0, 0, 1, 1)
+
+
 def _chunks(n: int, batch_size: int) -> List[slice]:
     return [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
@@ -304,6 +311,7 @@ def extract_spot_features(slide: Any, centers_xy: Any, ids: Optional[Sequence[An
         return next(iter(spot_patches(slide, centers[sl], patch_um=patch_um, out_px=out_px,
                                       batch_size=sl.stop - sl.start)))
 
+    _warm_up(slide, num_workers)
     batches = _ordered_map(decode, _chunks(n, batch_size), num_workers)
     return _extract_to_file(out_path, batches, n, coords, ids, encoder, attrs, tta, progress)
 
@@ -375,5 +383,6 @@ def extract_tile_features(slide: Any, out_path: os.PathLike | str, encoder: Enco
         return next(iter(iter_tiles(slide, coords[sl], tile_px=tile_px, target_mpp=target_mpp,
                                     batch_size=sl.stop - sl.start)))
 
+    _warm_up(slide, num_workers)
     batches = _ordered_map(decode, _chunks(n, batch_size), num_workers)
     return _extract_to_file(out_path, batches, n, coords, None, encoder, attrs, tta, progress)

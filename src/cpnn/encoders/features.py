@@ -104,7 +104,7 @@ def write_feature_file(path: os.PathLike | str, features: np.ndarray, coords: np
         ``level0_mpp``. ``complete`` = 1 and ``cpnn_version`` are added. None values are
         not written.
     ids
-        Optional N observation ids, stored as utf-8 strings.
+        Optional N unique observation ids, stored as utf-8 strings.
 
     Returns
     -------

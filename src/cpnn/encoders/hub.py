@@ -83,11 +83,13 @@ def _read_state_dict(path: str) -> Dict[str, Any]:
     return {next((k[len(pr):] for pr in prefixes if k.startswith(pr)), k): v for k, v in state.items()}
 
 
-def _load_local(model: Any, path: str, name: str) -> Any:
+def _load_local(model: Any, path: str, name: str, ignore: tuple = ()) -> Any:
     state = _read_state_dict(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # a classification head in the checkpoint is fine: the encoders use no head
-    unexpected = [k for k in unexpected if not k.startswith(("head.", "fc.", "classifier."))]
+    # a classification head (or, for truncated networks, the dropped layers) in the
+    # checkpoint is fine: the encoders do not use them
+    unexpected = [k for k in unexpected
+                  if not k.startswith(("head.", "fc.", "classifier.") + tuple(ignore))]
     if missing or unexpected:
         raise CPNNInputError(
             f"the weights do not match the architecture of {name!r}: "
@@ -98,16 +100,32 @@ def _load_local(model: Any, path: str, name: str) -> Any:
     return model
 
 
+def _is_download_error(exc: BaseException) -> bool:
+    # huggingface_hub's errors (gated, not found, offline) derive from OSError or live in
+    # the http stacks it uses; anything else is a genuine failure to build the model
+    module = type(exc).__module__ or ""
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError)) or module.startswith(
+        ("huggingface_hub", "requests", "urllib3", "httpx"))
+
+
+def _build_error(name: str, package: str, exc: BaseException) -> CPNNInputError:
+    return CPNNInputError(
+        f"{package} could not build encoder {name!r} ({type(exc).__name__}: {exc}).",
+        field="encoder", fix=f"upgrade it: pip install -U {package}.")
+
+
 def _timm_model(name: str, repo: str, hub_id: str, arch: str, kwargs: Dict[str, Any],
-                weights: Optional[str]) -> Any:
+                weights: Optional[str], ignore: tuple = ()) -> Any:
     timm = _require("timm", name)
     if weights is not None:
         model = timm.create_model(arch, pretrained=False, **kwargs)
-        return _load_local(model, os.fspath(weights), name)
+        return _load_local(model, os.fspath(weights), name, ignore)
     try:
         return timm.create_model(hub_id, pretrained=True, **kwargs)
     except Exception as exc:
-        raise _hub_error(name, repo, exc) from exc
+        if _is_download_error(exc):
+            raise _hub_error(name, repo, exc) from exc
+        raise _build_error(name, "timm", exc) from exc
 
 
 def _cls_token(model: Any, x: Any) -> Any:
@@ -125,13 +143,13 @@ def _timm_factory(name: str, repo: str, hub_id: str, arch: str, dim: int,
                   mean=IMAGENET_MEAN, std=IMAGENET_STD, input_px: int = 224,
                   kwargs: Optional[Callable[[], Dict[str, Any]]] = None,
                   forward: Callable[[Any, Any], Any] = _cls_token,
-                  channels_last: bool = False) -> None:
+                  channels_last: bool = False, ignore: tuple = ()) -> None:
     """Register a timm-based encoder under ``name``."""
 
     def factory(device: str = "cpu", weights: Optional[str] = None) -> Encoder:
         _require("timm", name)  # before kwargs(), which may reference timm
         kw = kwargs() if kwargs is not None else {}
-        model = _timm_model(name, repo, hub_id, arch, kw, weights)
+        model = _timm_model(name, repo, hub_id, arch, kw, weights, ignore)
         return Encoder(name, model, dim=dim, input_px=input_px, mean=mean, std=std,
                        forward=forward, device=device, channels_last=channels_last,
                        weights=os.fspath(weights) if weights is not None else hub_id)
@@ -189,7 +207,7 @@ _timm_factory("dinov2-vitl14", "timm/vit_large_patch14_dinov2.lvd142m",
               kwargs=lambda: dict(img_size=224, num_classes=0))
 _timm_factory("resnet50", "timm/resnet50.tv_in1k", "resnet50.tv_in1k", "resnet50", 1024,
               kwargs=lambda: dict(features_only=True, out_indices=(3,)),
-              forward=_resnet50_trunc, channels_last=True)
+              forward=_resnet50_trunc, channels_last=True, ignore=("layer4.",))
 
 
 @register_encoder("phikon-v2")
@@ -207,7 +225,9 @@ def phikon_v2(device: str = "cpu", weights: Optional[str] = None) -> Encoder:
             raise CPNNInputError(f"cannot load phikon-v2 from {source} ({exc}).", path=source,
                                  field="weights",
                                  fix="pass a folder written by model.save_pretrained().") from exc
-        raise _hub_error("phikon-v2", "owkin/phikon-v2", exc) from exc
+        if _is_download_error(exc):
+            raise _hub_error("phikon-v2", "owkin/phikon-v2", exc) from exc
+        raise _build_error("phikon-v2", "transformers", exc) from exc
 
     def forward(m: Any, x: Any) -> Any:
         return m(pixel_values=x).last_hidden_state[:, 0, :]
@@ -234,7 +254,9 @@ def conch(device: str = "cpu", weights: Optional[str] = None) -> Encoder:
         if weights is not None:
             raise CPNNInputError(f"cannot load CONCH weights ({exc}).", path=weights, field="weights",
                                  fix="pass the pytorch_model.bin published for CONCH.") from exc
-        raise _hub_error("conch", "MahmoodLab/CONCH", exc) from exc
+        if _is_download_error(exc):
+            raise _hub_error("conch", "MahmoodLab/CONCH", exc) from exc
+        raise _build_error("conch", "conch", exc) from exc
 
     def forward(m: Any, x: Any) -> Any:
         return m.encode_image(x, proj_contrast=False, normalize=False)
