@@ -1,1 +1,1 @@
-"""plot"""
+"""Figures: cell-type weight maps, gene maps, report plots (matplotlib, Agg backend)."""

@@ -1,0 +1,99 @@
+"""Command-line interface: a thin layer over the Python API.
+
+Each sub-command lives in a small function that parses nothing itself; heavy modules are
+imported only when a command runs, so ``cpnn --help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from . import __version__
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .workflows.demo import run_demo
+
+    run_demo(args.out, seed=args.seed, quick=args.quick, quiet=args.quiet, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_prototypes(args: argparse.Namespace) -> int:
+    from .prototypes import build_prototypes, read_reference
+
+    genes = None
+    if args.genes:
+        with open(args.genes) as fh:
+            genes = [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+    ref = read_reference(args.reference, args.label, batch_key=args.batch, metadata=args.metadata)
+    protos = build_prototypes(ref, args.label, method=args.method, batch_key=args.batch, genes=genes, seed=args.seed)
+    protos.save(args.out)
+    print(f"wrote {len(protos.cell_types)} prototypes x {len(protos.genes)} genes to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cpnn`` argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="cpnn",
+        description="Gene expression from H&E images through single-cell cell-type prototypes (CPNN).",
+    )
+    parser.add_argument("--version", action="version", version=f"cpnn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole method on a synthetic cohort (offline, ~2 minutes)")
+    p.add_argument("--out", default="cpnn-demo", help="output folder (default: ./cpnn-demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a smaller cohort (seconds; for smoke tests)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("prototypes", help="build cell-type prototypes from a single-cell reference")
+    p.add_argument("--reference", required=True, help=".h5ad or 10x matrix folder (raw counts)")
+    p.add_argument("--label", required=True, help="obs column with the cell type (e.g. celltype_major)")
+    p.add_argument("--batch", default=None, help="obs column with the batch/patient (optional)")
+    p.add_argument("--metadata", default=None, help="cell metadata table for a 10x folder")
+    p.add_argument("--method", choices=["naive", "regression"], default="regression")
+    p.add_argument("--genes", default=None, help="text file of target genes, one per line")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .h5ad or .tsv")
+    p.set_defaults(func=_cmd_prototypes)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub) -> None:
+    """Sub-commands defined in their own modules (fit, predict, plot, benchmark, ...)."""
+    import importlib
+
+    for module_name in ("cpnn.cli_spatial", "cpnn.cli_slide", "cpnn.cli_plot", "cpnn.cli_benchmark"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        module.register(sub)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``cpnn`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .errors import CPNNInputError
+
+    try:
+        return int(args.func(args) or 0)
+    except CPNNInputError as exc:
+        print(f"cpnn: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""``cpnn fit`` and ``cpnn predict``: train on spatial (or pseudo-bulk) data, predict spots."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+from .errors import CPNNInputError
+
+
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    """Input options shared by fit, predict and benchmark."""
+    g = p.add_argument_group("spatial input (one kind)")
+    g.add_argument("--her2st", metavar="ROOT", help="root of an almaan/her2st layout")
+    g.add_argument("--sections", type=lambda s: [x for x in s.split(",") if x], help="section ids, e.g. C2,C3")
+    g.add_argument("--visium", nargs="+", metavar="OUTS", help="Space Ranger outs/ folders")
+    g.add_argument("--hest", metavar="ROOT", help="HEST-1k root (st/, wsis/, metadata/)")
+    g.add_argument("--hest-ids", type=lambda s: [x for x in s.split(",") if x], help="HEST sample ids")
+    g.add_argument("--h5ad", nargs="+", help="generic .h5ad files with obsm['spatial']")
+    g.add_argument("--image", nargs="+", help="full-resolution images for --visium/--h5ad (same order)")
+    g.add_argument("--mpp", type=float, help="microns per pixel of the images, when the files do not say")
+    f = p.add_argument_group("features")
+    f.add_argument("--encoder", default=None, help="encoder name (see `cpnn encoders`); default efficientnet-lite0")
+    f.add_argument("--patch-um", type=float, default=None, help="patch side in microns (default 112)")
+    f.add_argument("--features", metavar="DIR", help="precomputed CLAM/TRIDENT/cpnn feature files {sample}.h5")
+    f.add_argument("--tta", choices=["none", "flips", "flips8"], default=None, help="test-time augmentation")
+
+
+def load_yaml(path) -> Dict[str, Any]:
+    import yaml
+
+    if path is None:
+        return {}
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError as exc:
+        raise CPNNInputError("config file not found", path=path) from exc
+    if not isinstance(data, dict):
+        raise CPNNInputError("config must be a mapping (sections model/train/features/prototypes)", path=path)
+    return data
+
+
+def _inputs(args, require_image: bool):
+    from .workflows.spatial import load_inputs
+
+    return load_inputs(her2st=args.her2st, sections=args.sections, visium=args.visium, hest=args.hest,
+                       hest_ids=args.hest_ids, h5ad=args.h5ad, image=args.image, mpp=args.mpp,
+                       require_image=require_image)
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from .workflows.fit import FitOptions, run_fit
+
+    cfg = load_yaml(args.config)
+    opts = FitOptions.from_sources(cfg, args)
+    samples = _inputs(args, require_image=args.features is None)
+    run_fit(samples, opts, Path(args.out), features_dir=args.features, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .workflows.fit import run_predict
+
+    samples = _inputs(args, require_image=args.features is None)
+    run_predict(Path(args.run), samples, Path(args.out), features_dir=args.features,
+                progress=not args.no_progress)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("fit", help="train CPNN on spatial data (spot level, or pseudo-bulk with --level bulk)")
+    add_input_args(p)
+    p.add_argument("--reference", required=True, help="single-cell reference .h5ad (raw counts) or prototypes file")
+    p.add_argument("--label", default=None, help="obs column of cell types in the reference (e.g. celltype_major)")
+    p.add_argument("--batch", default=None, help="obs column of batches in the reference")
+    p.add_argument("--prototype-method", choices=["naive", "regression"], default=None)
+    p.add_argument("--genes", default=None, help="gene panel file (one symbol per line); default: top expressed")
+    p.add_argument("--n-top-genes", type=int, default=None, help="without --genes: the N most expressed (default 1000)")
+    p.add_argument("--level", choices=["spot", "bulk"], default=None, help="spot supervision or pseudo-bulk bags")
+    p.add_argument("--config", default=None, help="YAML with sections model/train/features/prototypes")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="max epochs")
+    p.add_argument("--out", required=True, help="run folder (model, prototypes, config, metrics)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("predict", help="predict spot expression and cell-type weights with a trained run")
+    p.add_argument("run", help="run folder written by `cpnn fit` (or a model .cpnn file)")
+    add_input_args(p)
+    p.add_argument("--out", required=True, help="output .h5ad (one sample) or folder (several)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_predict)

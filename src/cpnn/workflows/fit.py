@@ -1,0 +1,200 @@
+"""``cpnn fit`` / ``cpnn predict`` as functions: resolve options, train, write a run folder.
+
+A run folder holds ``model.cpnn`` (the self-describing model), ``prototypes.h5ad``,
+``config.json`` (every resolved option), ``metrics.json`` (training history, validation
+scores, timings) and ``features/`` (the cached patch features).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..config import CPNNConfig, TrainConfig, config_from_dict, config_to_dict
+from ..errors import CPNNInputError
+from ..utils import atomic_path, seed_everything, write_json
+from .spatial import FeatureSpec, SpatialSample, attach_features, fit_spot_model, prediction_anndata, target_genes
+
+# defaults chosen on the synthetic cohort and HER2ST (see BENCHMARKS.md), not the paper's
+SPOT_MODEL_DEFAULTS = dict(hidden=[256], dropout=0.25, loss="nb", composition_weight=1e2, template_weight=1e3)
+SPOT_TRAIN_DEFAULTS = dict(max_epochs=200, batch_size=32, lr=1e-3, weight_decay=1e-2, patience=30,
+                           early_stopping="val_pcc")
+
+
+@dataclass
+class FitOptions:
+    """Everything ``cpnn fit`` needs, resolved from defaults, a YAML config and flags."""
+
+    reference: str
+    label: Optional[str] = None
+    batch: Optional[str] = None
+    prototype_method: str = "regression"
+    genes_file: Optional[str] = None
+    n_top_genes: int = 1000
+    level: str = "spot"
+    seed: int = 0
+    features: FeatureSpec = field(default_factory=FeatureSpec)
+    model: Dict[str, Any] = field(default_factory=lambda: dict(SPOT_MODEL_DEFAULTS))
+    train: Dict[str, Any] = field(default_factory=lambda: dict(SPOT_TRAIN_DEFAULTS))
+
+    @classmethod
+    def from_sources(cls, cfg: Dict[str, Any], args: Any) -> "FitOptions":
+        """Defaults <- YAML ``cfg`` <- command-line ``args`` (flags win)."""
+        protos = dict(cfg.get("prototypes", {}))
+        opts = cls(reference=args.reference)
+        opts.label = args.label or protos.get("label")
+        opts.batch = args.batch or protos.get("batch")
+        opts.prototype_method = args.prototype_method or protos.get("method", opts.prototype_method)
+        opts.genes_file = args.genes or cfg.get("genes")
+        opts.n_top_genes = args.n_top_genes or cfg.get("n_top_genes", opts.n_top_genes)
+        opts.level = args.level or cfg.get("level", opts.level)
+        opts.seed = args.seed if args.seed is not None else cfg.get("seed", opts.seed)
+        feat = dict(cfg.get("features", {}))
+        for key, flag in (("encoder", "encoder"), ("patch_um", "patch_um"), ("tta", "tta")):
+            if getattr(args, flag, None) is not None:
+                feat[key] = getattr(args, flag)
+        opts.features = FeatureSpec(**feat)
+        opts.model.update(cfg.get("model", {}))
+        opts.train.update(cfg.get("train", {}))
+        if getattr(args, "epochs", None):
+            opts.train["max_epochs"] = args.epochs
+        opts.train["seed"] = opts.seed
+        return opts
+
+    def model_config(self) -> CPNNConfig:
+        return config_from_dict(CPNNConfig, self.model)
+
+    def train_config(self, progress: bool = True) -> TrainConfig:
+        return config_from_dict(TrainConfig, {**self.train, "progress": progress})
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = config_to_dict(self.model_config())
+        d["train"] = config_to_dict(self.train_config())
+        return d
+
+
+def read_gene_list(path) -> List[str]:
+    """Gene symbols, one per line (blank lines and ``#`` comments ignored)."""
+    try:
+        with open(path) as fh:
+            genes = [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
+    except FileNotFoundError as exc:
+        raise CPNNInputError("gene panel file not found", path=path, field="--genes") from exc
+    if not genes:
+        raise CPNNInputError("gene panel file is empty", path=path, field="--genes")
+    return genes
+
+
+def load_or_build_prototypes(opts: FitOptions, genes: Sequence[str]):
+    """Prototypes for ``genes``: read a prototypes file, or build them from a reference."""
+    from ..prototypes import Prototypes, build_prototypes, read_reference
+
+    ref = Path(opts.reference)
+    if ref.suffix in (".tsv", ".csv") or _is_prototypes_h5ad(ref):
+        protos = Prototypes.load(ref)
+        shared = [g for g in genes if g in set(protos.genes)]
+        if not shared:
+            raise CPNNInputError("the prototypes share no genes with the data", path=ref, field="genes")
+        return protos.subset_genes(shared)
+    if not opts.label:
+        raise CPNNInputError("building prototypes needs the cell-type column", field="--label",
+                             fix="e.g. --label celltype_major")
+    adata = read_reference(ref, opts.label, batch_key=opts.batch)
+    return build_prototypes(adata, opts.label, method=opts.prototype_method, batch_key=opts.batch,
+                            genes=list(genes), seed=opts.seed)
+
+
+def _is_prototypes_h5ad(path: Path) -> bool:
+    if path.suffix != ".h5ad" or not path.is_file():
+        return False
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        return "varm" in fh and "cpnn_prototypes" in fh["varm"]
+
+
+def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_dir=None,
+            progress: bool = True):
+    """Train on ``samples`` and write the run folder ``out``; returns the model."""
+    t0 = time.perf_counter()
+    seed_everything(opts.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"cpnn_version": __version__, "options": opts.as_dict(),
+                                     "samples": [s.sample_id for s in samples]})
+    panel = read_gene_list(opts.genes_file) if opts.genes_file else None
+    genes = target_genes(samples, panel=panel, n_top=None if panel else opts.n_top_genes)
+    protos = load_or_build_prototypes(opts, genes)
+    protos.save(out / "prototypes.h5ad")
+    t_protos = time.perf_counter() - t0
+    attach_features(samples, opts.features, cache_dir=out / "features", features_dir=features_dir,
+                    progress=progress)
+    t_feats = time.perf_counter() - t0 - t_protos
+    if opts.level == "spot":
+        model = fit_spot_model(samples, protos, opts.model_config(), opts.train_config(progress),
+                               encoder=opts.features.as_dict())
+    else:
+        from .pseudobulk import fit_bulk_model
+
+        model = fit_bulk_model(samples, protos, opts, progress=progress)
+    model.save(out / "model.cpnn")
+    hist = model.train_result.history
+    best = hist[model.train_result.best_epoch] if hist and model.train_result.best_epoch >= 0 else {}
+    write_json(out / "metrics.json", {
+        "level": opts.level,
+        "n_genes": len(model.genes),
+        "n_cell_types": len(model.cell_types),
+        "n_train_observations": len(model.split.get("train", [])),
+        "n_val_observations": len(model.split.get("val", [])),
+        "best_epoch": model.train_result.best_epoch,
+        "epochs_run": len(hist),
+        "best": best,
+        "history": hist,
+        "seconds": {"prototypes": round(t_protos, 1), "features": round(t_feats, 1),
+                    "total": round(time.perf_counter() - t0, 1)},
+    })
+    return model
+
+
+def load_run_model(run: Path):
+    """The model of a run folder (or a model file)."""
+    from ..model import CPNN
+
+    path = run / "model.cpnn" if run.is_dir() else run
+    return CPNN.load(path)
+
+
+def run_predict(run: Path, samples: List[SpatialSample], out: Path, features_dir=None, progress: bool = True):
+    """Predict every sample with the run's model; write ``.h5ad`` file(s). Returns the AnnDatas."""
+    import anndata as ad  # noqa: F401  (AnnData writing)
+
+    model = load_run_model(run)
+    enc = model.encoder or {}
+    spec = FeatureSpec(encoder=enc.get("name", "efficientnet-lite0"), patch_um=float(enc.get("patch_um", 112.0)),
+                       out_px=enc.get("out_px"), tta=enc.get("tta", "none"))
+    cache = (run if run.is_dir() else run.parent) / "features"
+    attach_features(samples, spec, cache_dir=cache, features_dir=features_dir, progress=progress)
+    preds = []
+    several = len(samples) > 1
+    if several:
+        out.mkdir(parents=True, exist_ok=True)
+    for s in samples:
+        if features_dir is not None:
+            attrs = s.meta.get("feature_attrs", {})
+            if attrs.get("encoder") and enc.get("name") and attrs["encoder"] != enc["name"]:
+                raise CPNNInputError(f"features were made with '{attrs['encoder']}' but the model with '{enc['name']}'",
+                                     path=features_dir, field="encoder",
+                                     fix=f"extract features with --encoder {enc['name']}")
+        pred = prediction_anndata(model, s)
+        target = out / f"{s.sample_id}.h5ad" if several else out
+        with atomic_path(target, suffix=".h5ad") as tmp:
+            pred.write_h5ad(tmp)
+        preds.append(pred)
+        if progress:
+            print(f"wrote {target} ({pred.n_obs} spots x {pred.n_vars} genes, {len(model.cell_types)} cell types)")
+    return preds

@@ -1,0 +1,277 @@
+"""Spot-level workflow: spatial inputs -> features -> prototypes -> CPNN -> AnnData.
+
+Used by ``cpnn fit`` / ``cpnn predict`` and by the benchmarks, so that the command line,
+the Python API and the published numbers all run the same code.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .._constants import PROTOTYPES, SECTION, SPATIAL, UNS, UNS_INPUT, WEIGHTS
+from ..errors import CPNNInputError
+
+
+@dataclass
+class FeatureSpec:
+    """How patch features are made: encoder, physical patch size, resampled size, TTA."""
+
+    encoder: str = "efficientnet-lite0"
+    patch_um: float = 112.0
+    out_px: Optional[int] = 224
+    tta: str = "none"
+    batch_size: int = 32
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"name": self.encoder, "patch_um": self.patch_um, "out_px": self.out_px, "tta": self.tta}
+
+
+@dataclass
+class SpatialSample:
+    """One spatial section with its features."""
+
+    sample_id: str
+    adata: Any
+    features: Optional[np.ndarray] = None
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- inputs
+def load_inputs(
+    her2st: Optional[str] = None,
+    sections: Optional[Sequence[str]] = None,
+    visium: Optional[Sequence[str]] = None,
+    hest: Optional[str] = None,
+    hest_ids: Optional[Sequence[str]] = None,
+    h5ad: Optional[Sequence[str]] = None,
+    image: Optional[Sequence[str]] = None,
+    mpp: Optional[float] = None,
+    require_image: bool = True,
+) -> List[SpatialSample]:
+    """Read spatial samples from any supported layout (exactly one kind at a time).
+
+    Parameters
+    ----------
+    her2st, sections
+        Root of an ``almaan/her2st`` layout and section ids (e.g. ``["C2", "C3"]``).
+    visium, image
+        Space Ranger ``outs/`` folders and their full-resolution images (same order).
+    hest, hest_ids
+        HEST-1k root and sample ids.
+    h5ad, image
+        Generic ``.h5ad`` files with ``obsm['spatial']`` and their images.
+    mpp
+        Microns per pixel of the images when the files do not say.
+    require_image
+        False when features are given (images are then not needed).
+    """
+    from .. import data as D
+
+    kinds = [k for k, v in (("her2st", her2st), ("visium", visium), ("hest", hest), ("h5ad", h5ad)) if v]
+    if len(kinds) != 1:
+        raise CPNNInputError(
+            "give exactly one input kind" + (f" (got {', '.join(kinds)})" if kinds else ""),
+            field="--her2st/--visium/--hest/--h5ad", fix="e.g. --her2st ROOT --sections C2,C3",
+        )
+    images = list(image or [])
+    out: List[SpatialSample] = []
+    if her2st:
+        if not sections:
+            raise CPNNInputError("no sections given", field="--sections", fix="e.g. --sections C2,C3,C4")
+        for sid, a in D.read_her2st(her2st, list(sections), mpp=mpp, require_image=require_image).items():
+            out.append(SpatialSample(sid, a))
+    elif visium:
+        for i, outs in enumerate(visium):
+            img = images[i] if i < len(images) else None
+            a = D.read_visium(outs, image_path=img, mpp=mpp)
+            out.append(SpatialSample(str(a.uns[UNS_INPUT]["sample_id"]), a))
+    elif hest:
+        for sid in hest_ids or []:
+            out.append(SpatialSample(sid, D.read_hest(hest, sid, mpp=mpp, require_image=require_image)))
+        if not out:
+            raise CPNNInputError("no HEST sample ids given", field="--hest-ids", fix="e.g. --hest-ids TENX95,NCBI759")
+    else:
+        for i, path in enumerate(h5ad):
+            img = images[i] if i < len(images) else None
+            a = D.read_spatial_h5ad(path, image_path=img, mpp=mpp, require_image=require_image)
+            out.append(SpatialSample(str(a.uns[UNS_INPUT].get("sample_id") or Path(path).stem), a))
+    return out
+
+
+def attach_features(
+    samples: List[SpatialSample],
+    spec: FeatureSpec,
+    cache_dir: Optional[os.PathLike] = None,
+    features_dir: Optional[os.PathLike] = None,
+    progress: bool = True,
+) -> None:
+    """Fill ``sample.features``: read from ``features_dir/{sample}.h5`` or extract (cached)."""
+    encoder = None
+    for s in samples:
+        if features_dir is not None:
+            s.features = read_features_for(s, Path(features_dir))
+            continue
+        if encoder is None:
+            from ..encoders import create_encoder
+
+            encoder = create_encoder(spec.encoder)
+        from .features import spot_features
+
+        cache = None if cache_dir is None else Path(cache_dir) / f"{s.sample_id}.h5"
+        s.features = spot_features(s.adata, encoder, patch_um=spec.patch_um, out_px=spec.out_px,
+                                   cache_path=cache, tta=spec.tta, batch_size=spec.batch_size, progress=progress)
+
+
+def read_features_for(sample: SpatialSample, features_dir: Path) -> np.ndarray:
+    """Features of ``sample`` from a CLAM/TRIDENT/cpnn file, aligned to its spots by id."""
+    from ..encoders import read_feature_file
+
+    path = features_dir / f"{sample.sample_id}.h5"
+    if not path.is_file():
+        raise CPNNInputError(f"no feature file for sample {sample.sample_id}", path=path,
+                             fix="name feature files {sample_id}.h5, or drop --features to extract them")
+    ff = read_feature_file(path)
+    obs = [str(o) for o in sample.adata.obs_names]
+    if ff.ids is None:
+        if len(ff) != len(obs):
+            raise CPNNInputError(f"feature file has {len(ff)} rows without ids, the data has {len(obs)} spots",
+                                 path=path, field="ids", fix="store spot ids in the file (dataset 'ids')")
+        return ff.features
+    index = {i: k for k, i in enumerate(map(str, ff.ids))}
+    missing = [o for o in obs if o not in index]
+    if missing:
+        raise CPNNInputError(f"{len(missing)} of {len(obs)} spots have no features (e.g. {', '.join(missing[:3])})",
+                             path=path, field="ids", fix="re-extract features for these spots")
+    sample.meta["feature_attrs"] = dict(ff.attrs)
+    return ff.features[[index[o] for o in obs]]
+
+
+# --------------------------------------------------------------------------- fit
+def counts_matrix(adata, genes: Sequence[str]) -> np.ndarray:
+    """Dense float32 counts of ``genes`` (in that order) from a spatial AnnData."""
+    from scipy import sparse
+
+    pos = {g: i for i, g in enumerate(map(str, adata.var_names))}
+    missing = [g for g in genes if g not in pos]
+    if missing:
+        raise CPNNInputError(f"{len(missing)} model genes are absent from the data (e.g. {', '.join(missing[:5])})",
+                             field="var_names", fix="use the same gene panel as in training")
+    x = adata.X[:, [pos[g] for g in genes]]
+    return np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=np.float32)
+
+
+def target_genes(samples: Sequence[SpatialSample], panel: Optional[Sequence[str]] = None,
+                 n_top: Optional[int] = None) -> List[str]:
+    """Genes to model: a given panel (kept in its order, those present in every sample), or
+    the ``n_top`` most expressed genes over the (training) samples."""
+    common = None
+    for s in samples:
+        names = set(map(str, s.adata.var_names))
+        common = names if common is None else common & names
+    common = common or set()
+    if panel is not None:
+        genes = [g for g in panel if g in common]
+        if not genes:
+            raise CPNNInputError("none of the panel genes is measured in the data", field="--genes",
+                                 fix="check the gene symbols (case, aliases) of the panel file")
+        return genes
+    ordered = sorted(common)
+    if n_top is None:
+        return ordered
+    totals = np.zeros(len(ordered))
+    for s in samples:
+        totals += counts_matrix(s.adata, ordered).sum(0) / max(1, s.adata.n_obs)
+    keep = np.argsort(-totals, kind="stable")[:n_top]
+    return [ordered[i] for i in sorted(keep)]
+
+
+def fit_spot_model(
+    samples: Sequence[SpatialSample],
+    prototypes,
+    config=None,
+    train_config=None,
+    encoder: Optional[Dict[str, Any]] = None,
+    composition_targets="deconvolve",
+):
+    """Train CPNN on the spots of ``samples`` (validation carved by section)."""
+    from ..model import CPNN
+
+    genes = list(prototypes.genes)
+    x = np.concatenate([s.features for s in samples])
+    y = np.concatenate([counts_matrix(s.adata, genes) for s in samples])
+    groups = np.concatenate([[s.sample_id] * s.adata.n_obs for s in samples])
+    keep = y.sum(1) > 0
+    model = CPNN(prototypes, config, train_config, encoder=encoder)
+    model.fit(x[keep], y[keep], groups=groups[keep], composition_targets=composition_targets)
+    return model
+
+
+# --------------------------------------------------------------------------- predict
+def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
+    """Predictions of ``model`` on ``sample`` as an AnnData scanpy/squidpy read directly.
+
+    ``X`` log1p CP10k predicted expression; ``obsm['cpnn_weights']`` cell-type weights;
+    ``obsm['spatial']`` (x, y) full-res pixels; ``varm['cpnn_prototypes']`` the learnt
+    prototypes; ``uns['cpnn']`` names and provenance; ``uns['spatial'][library_id]`` a
+    downsampled image with scale factors; ``layers['counts']`` the measured counts of the
+    model's genes when the input has them.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    out = model.predict(sample.features)
+    a = sample.adata
+    obs = pd.DataFrame(index=pd.Index([str(o) for o in a.obs_names], name="spot"))
+    for col in (SECTION, "patient"):
+        if col in a.obs:
+            obs[col] = a.obs[col].astype(str).values
+    weights = out["weights"]
+    obs["cpnn_dominant_type"] = pd.Categorical([model.cell_types[i] for i in weights.argmax(1)],
+                                               categories=model.cell_types)
+    pred = ad.AnnData(X=np.log1p(out["spot_expr"] * 1e4).astype(np.float32), obs=obs,
+                      var=pd.DataFrame(index=pd.Index(model.genes, name="gene")))
+    pred.obsm[SPATIAL] = np.asarray(a.obsm[SPATIAL], dtype=np.float64)
+    pred.obsm[WEIGHTS] = weights.astype(np.float32)
+    pred.varm[PROTOTYPES] = model.prototype_matrix().T.astype(np.float32)
+    present = [g for g in model.genes if g in set(map(str, a.var_names))]
+    if len(present) == len(model.genes):
+        from scipy import sparse
+
+        pred.layers["counts"] = sparse.csr_matrix(counts_matrix(a, model.genes))
+    info = dict(a.uns.get(UNS_INPUT, {}))
+    pred.uns[UNS] = {
+        "cell_types": list(model.cell_types),
+        "level": "spot",
+        "expression": "log1p CP10k (predicted)",
+        "encoder": {k: v for k, v in model.encoder.items() if v is not None},
+        "prototypes": {k: str(v) for k, v in model.prototype_provenance.items() if k in ("method", "label_key")},
+        "sample_id": sample.sample_id,
+    }
+    _add_spatial_image(pred, sample.sample_id, info, image_max_px)
+    return pred
+
+
+def _add_spatial_image(pred, library_id: str, info: Dict[str, Any], max_px: int) -> None:
+    """``uns['spatial'][library_id]`` with a 'hires' image and its scale factor (scanpy's layout)."""
+    mpp = info.get("mpp")
+    diameter_um = info.get("spot_diameter_um")
+    entry: Dict[str, Any] = {"images": {}, "scalefactors": {}, "metadata": {"source": "cpnn"}}
+    if mpp and diameter_um:
+        entry["scalefactors"]["spot_diameter_fullres"] = float(diameter_um) / float(mpp)
+    image_path = info.get("image_path")
+    if image_path and os.path.exists(str(image_path)):
+        from ..image import open_slide
+
+        with open_slide(image_path, mpp=mpp) as sl:
+            thumb = sl.thumbnail(max_px)
+            scale = thumb.shape[1] / sl.dimensions[0]
+        entry["images"]["hires"] = thumb
+        entry["scalefactors"]["tissue_hires_scalef"] = float(scale)
+        entry["scalefactors"]["tissue_lowres_scalef"] = float(scale)
+    if mpp:
+        entry["scalefactors"]["microns_per_pixel"] = float(mpp)
+    pred.uns["spatial"] = {library_id: entry}
