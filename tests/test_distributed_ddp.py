@@ -97,6 +97,7 @@ def test_job_folder_missing_is_clear(tmp_path):
         load_training_job(tmp_path)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path):
     train, val, log_protos, config, tc = _problem()
     job = save_training_job(tmp_path / "job", train, log_protos, config, tc, val=val)
