@@ -1,0 +1,253 @@
+"""User-facing slide-level baselines: fit / predict on lists of bags of patch features.
+
+All baselines share one protocol with :class:`cpnn.model.CPNN`: features scaled by a
+:class:`FeatureScaler` fitted on training bags; a validation part carved from the
+training bags (by group when there are >= 3 groups) for early stopping on the mean
+per-gene validation Pearson (or the validation loss); bags larger than
+``max_patches_per_bag`` subsampled only in training steps; every patch used,
+deterministically, at validation and prediction. They are trained with MSE on
+log1p CP10k of the bag's counts (the scale every method is scored on).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..config import TrainConfig
+from ..errors import CPNNInputError
+from .scaling import FeatureScaler
+
+BASELINE_NAMES = ("meanpool_mlp", "abmil", "he2rna", "sum_of_tiles")
+
+
+def log1p_cp10k(counts: np.ndarray) -> np.ndarray:
+    """``log1p(counts / row sum * 1e4)`` as float32 (rows with zero total stay zero)."""
+    x = np.asarray(counts, dtype=np.float64)
+    tot = x.sum(axis=1, keepdims=True)
+    return np.log1p(x / np.where(tot > 0, tot, 1.0) * 1e4).astype(np.float32)
+
+
+def mean_gene_pearson(pred: np.ndarray, true: np.ndarray) -> float:
+    """Mean over genes of Pearson across rows (genes constant on either side skipped)."""
+    x = pred - pred.mean(0)
+    y = true - true.mean(0)
+    den = np.sqrt((x * x).sum(0) * (y * y).sum(0))
+    ok = den > 1e-12
+    return float(((x * y).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
+
+
+def carve_validation(n: int, train_config: TrainConfig, groups: Optional[Sequence] = None,
+                     val_bags: Optional[Sequence[int]] = None):
+    """Training and validation bag indices; the same rule as ``CPNN.fit``.
+
+    Explicit ``val_bags`` win; otherwise ``val_fraction`` of the groups (>= 3 groups) or
+    of the bags, drawn with ``train_config.seed``; none when early stopping is off.
+    """
+    tc = train_config
+    all_idx = np.arange(n)
+    if val_bags is not None:
+        val = np.unique(np.asarray(val_bags, dtype=np.int64))
+        return np.setdiff1d(all_idx, val), val
+    if tc.val_fraction <= 0 or tc.early_stopping == "none":
+        return all_idx, np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(tc.seed)
+    if groups is not None:
+        groups = np.asarray(groups)
+        if len(groups) != n:
+            raise CPNNInputError(f"{len(groups)} group labels for {n} bags", field="groups")
+        uniq = np.unique(groups)
+        if len(uniq) >= 3:
+            n_val = max(1, int(round(tc.val_fraction * len(uniq))))
+            mask = np.isin(groups, rng.choice(uniq, n_val, replace=False))
+            return all_idx[~mask], all_idx[mask]
+    n_val = max(1, int(round(tc.val_fraction * n)))
+    perm = rng.permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _bags_from_list(bags) -> "Any":
+    from ..train.bags import BagData
+
+    if not isinstance(bags, (list, tuple)) or not len(bags):
+        raise CPNNInputError("bags must be a non-empty list of (n_tiles, D) feature arrays", field="bags")
+    arrays = []
+    for i, b in enumerate(bags):
+        a = np.asarray(b, dtype=np.float32)
+        if a.ndim != 2 or len(a) == 0:
+            raise CPNNInputError(f"bag {i} has shape {a.shape}; expected (n_tiles >= 1, D)", field="bags")
+        if not np.isfinite(a).all():
+            raise CPNNInputError(f"bag {i} has NaN/inf features", field="bags", fix="re-extract those tiles")
+        arrays.append(a)
+    dims = {a.shape[1] for a in arrays}
+    if len(dims) != 1:
+        raise CPNNInputError(f"bags have different feature dimensions {sorted(dims)}", field="bags",
+                             fix="use features of one encoder")
+    return BagData.from_bags(arrays)
+
+
+class SlideBaseline:
+    """A bag-level expression regressor (see :mod:`cpnn.module.slide_baselines`).
+
+    Parameters
+    ----------
+    kind
+        ``"meanpool_mlp"``, ``"abmil"``, ``"he2rna"`` or ``"sum_of_tiles"``.
+    genes
+        Gene names (the column order of the counts given to :meth:`fit`).
+    train_config
+        Optimisation and early stopping (the same :class:`cpnn.TrainConfig` as CPNN).
+    feature_scaling
+        ``"robust"`` (default), ``"standard"`` or ``"none"``.
+    **module_kw
+        Passed to the module (e.g. ``hidden``, ``dropout``, ``embed_dim``, ``ks``).
+    """
+
+    def __init__(self, kind: str, genes: Sequence[str], train_config: Optional[TrainConfig] = None,
+                 feature_scaling: str = "robust", **module_kw: Any) -> None:
+        if kind not in BASELINE_NAMES:
+            raise ValueError(f"kind must be one of {', '.join(BASELINE_NAMES)}; got {kind!r}")
+        self.kind = kind
+        self.genes = [str(g) for g in genes]
+        self.train_config = train_config or TrainConfig()
+        self.feature_scaling = feature_scaling
+        self.module_kw = dict(module_kw)
+        self.module = None
+        self.scaler: Optional[FeatureScaler] = None
+        self.history: List[Dict[str, float]] = []
+        self.best_epoch = -1
+        self.split: Dict[str, list] = {}
+
+    def _build(self, in_dim: int):
+        import torch
+
+        from ..module.slide_baselines import SLIDE_BASELINES
+
+        torch.manual_seed(self.train_config.seed)
+        self.module = SLIDE_BASELINES[self.kind](in_dim, len(self.genes), **self.module_kw)
+        return self.module
+
+    # ------------------------------------------------------------------ training
+    def fit(self, bags: Sequence[np.ndarray], counts, groups: Optional[Sequence] = None,
+            val_bags: Optional[Sequence[int]] = None) -> "SlideBaseline":
+        """Train on a list of ``(n_b, D)`` bags and their ``(B, G)`` raw counts.
+
+        Parameters
+        ----------
+        bags
+            One feature array per bag (slide / region).
+        counts
+            Raw counts per bag, columns in ``self.genes`` order.
+        groups
+            Group (patient / section) of each bag, for the validation carve.
+        val_bags
+            Explicit validation bag indices.
+
+        Returns
+        -------
+        SlideBaseline
+            ``self`` with the best validation epoch's weights.
+        """
+        import torch
+
+        data = _bags_from_list(bags)
+        y = np.asarray(counts, dtype=np.float64)
+        if y.shape != (data.n_bags, len(self.genes)):
+            raise CPNNInputError(f"counts have shape {y.shape}; expected ({data.n_bags}, {len(self.genes)})",
+                                 field="counts", fix="one row of raw counts per bag, genes in self.genes order")
+        if (y < 0).any() or not np.isfinite(y).all() or (y.sum(1) == 0).any():
+            raise CPNNInputError("counts must be finite, non-negative, with a positive total per bag",
+                                 field="counts")
+        target = log1p_cp10k(y)
+        self.scaler = FeatureScaler.fit(data.features, self.feature_scaling)
+        data.features = self.scaler.transform(data.features)
+        data.counts = target  # the regression target travels with the bags through subset()
+        tr_idx, va_idx = carve_validation(data.n_bags, self.train_config, groups, val_bags)
+        self.split = {"train": tr_idx.tolist(), "val": va_idx.tolist()}
+        train = data.subset(tr_idx)
+        val = data.subset(va_idx) if len(va_idx) else None
+
+        tc = self.train_config
+        module = self._build(data.features.shape[1])
+        module.set_output_bias(torch.from_numpy(train.counts.mean(0)))
+        rng = np.random.default_rng(tc.seed)
+        opt = torch.optim.AdamW(module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma)
+        feats = torch.from_numpy(train.features)
+        ytr = torch.from_numpy(train.counts)
+        criterion = tc.early_stopping if val is not None else "none"
+        maximise = criterion == "val_pcc"
+        best, best_state, since = (-math.inf if maximise else math.inf), None, 0
+        self.history = []
+        t0 = time.perf_counter()
+        for epoch in range(tc.max_epochs):
+            module.train()
+            order = rng.permutation(train.n_bags)
+            losses = []
+            for start in range(0, train.n_bags, tc.batch_size):
+                b = order[start:start + tc.batch_size]
+                rows, local = train.patch_index(b, tc.max_patches_per_bag, rng)
+                if hasattr(module, "train_k"):
+                    module.train_k = int(rng.choice(module.ks))
+                pred = module(feats[rows], torch.from_numpy(local), len(b))
+                loss = torch.mean((pred - ytr[b]) ** 2)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip)
+                opt.step()
+                losses.append(float(loss.detach()))
+            sched.step()
+            rec = {"epoch": epoch, "train_loss": float(np.mean(losses))}
+            if val is not None:
+                pv = self._predict_data(val)
+                rec["val_loss"] = float(np.mean((pv - val.counts) ** 2))
+                rec["val_pcc"] = mean_gene_pearson(pv, val.counts)
+            self.history.append(rec)
+            if criterion != "none":
+                score = rec[criterion]
+                better = score > best if maximise else score < best
+                if better or best_state is None:
+                    best, best_state, since = score, copy.deepcopy(module.state_dict()), 0
+                    self.best_epoch = epoch
+                else:
+                    since += 1
+                if since >= tc.patience:
+                    break
+        if best_state is not None:
+            module.load_state_dict(best_state)
+        else:
+            self.best_epoch = len(self.history) - 1
+        self.seconds = time.perf_counter() - t0
+        module.eval()
+        return self
+
+    # ------------------------------------------------------------------ inference
+    def _predict_data(self, data, chunk_patches: int = 16384) -> np.ndarray:
+        import torch
+
+        module = self.module
+        module.eval()
+        out = np.empty((data.n_bags, len(self.genes)), dtype=np.float32)
+        with torch.no_grad():
+            for b in range(data.n_bags):
+                s, e = int(data.offsets[b]), int(data.offsets[b + 1])
+                state = module.stream_init()
+                for c in range(s, e, chunk_patches):
+                    module.stream_update(state, torch.from_numpy(data.features[c:min(e, c + chunk_patches)]))
+                out[b] = module.stream_finish(state).numpy()
+        return out
+
+    def predict(self, bags: Sequence[np.ndarray], chunk_patches: int = 16384) -> np.ndarray:
+        """``(B, G)`` predicted log1p CP10k per bag; every tile used, in bounded-memory chunks."""
+        if self.module is None:
+            raise RuntimeError("this baseline is not trained yet: call fit()")
+        data = _bags_from_list(bags)
+        if data.features.shape[1] != self.module.in_dim:
+            raise CPNNInputError(f"features have {data.features.shape[1]} dimensions, the model "
+                                 f"{self.module.in_dim}", field="features")
+        data.features = self.scaler.transform(data.features)
+        return self._predict_data(data, chunk_patches)
