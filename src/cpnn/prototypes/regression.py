@@ -160,7 +160,7 @@ def fit_nb_regression(
     batch_prior_sd: float = 1.0,
     seed: int = 0,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float64,
 ) -> RegressionFit:
     """Fit the NB regression by MAP with L-BFGS.
 
