@@ -57,9 +57,6 @@ def _truncate(path: Path, keep: float = 0.5) -> Path:
 
 
 # ----------------------------------------------------------------- truncated / corrupt files
-@pytest.mark.xfail(strict=True, reason="cpnn.data.bulk.read_bulk_table lets gzip's EOFError through; it should "
-                   "raise CPNNInputError(path=..., 'truncated or corrupt table') for EOFError/zlib.error/"
-                   "UnicodeDecodeError/pandas ParserError")
 def test_truncated_gzip_count_table(tmp_path):
     from cpnn.data import read_bulk_table
 
@@ -102,8 +99,6 @@ def test_corrupt_h5ad_reference(tmp_path):
     _raises(lambda: read_reference(p, "cell_type"), path=p)
 
 
-@pytest.mark.xfail(strict=True, reason="cpnn.data.bulk.read_bulk_table calls anndata.read_h5ad directly (h5py "
-                   "OSError escapes); it should use cpnn.data.spatial_h5ad.read_h5ad_checked")
 def test_corrupt_h5ad_bulk(tmp_path):
     from cpnn.data import read_bulk_table
 
@@ -359,9 +354,6 @@ def test_feature_file_with_zero_tiles_cannot_become_a_bag(tmp_path):
         BagData.from_bags([np.ones((3, 8), np.float32), ff.features])
 
 
-@pytest.mark.xfail(strict=True, reason="cpnn.model.CPNN._as_bags accepts offsets with an empty bag and predict() "
-                   "returns all-zero bag_expr for it; it should raise CPNNInputError(field='bags', "
-                   "'bag(s) [i] have zero patches') like BagData.from_bags")
 def test_predict_with_an_empty_bag_in_offsets_is_refused():
     from cpnn import CPNN, CPNNConfig, TrainConfig
 

@@ -69,7 +69,13 @@ def _register_optional(sub) -> None:
     """Sub-commands defined in their own modules (fit, predict, plot, benchmark, ...)."""
     import importlib
 
-    for module_name in ("cpnn.cli_spatial", "cpnn.cli_slide", "cpnn.cli_plot", "cpnn.cli_benchmark"):
+    for module_name in (
+        "cpnn.cli_spatial",
+        "cpnn.cli_slide",
+        "cpnn.cli_extract",
+        "cpnn.cli_plot",
+        "cpnn.cli_benchmark",
+    ):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -325,10 +325,16 @@ def detect_orientation(df: pd.DataFrame) -> tuple[str, str]:
 def _read_labelled_table(path: Path, sep: str) -> pd.DataFrame:
     """Table with labels in the first column and the header, keeping duplicated header
     labels as they are (pandas would rename the second ``ACTB`` to ``ACTB.1``)."""
+    import zlib
+
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as fh:
-        header = next(csv.reader([fh.readline().rstrip("\r\n")], delimiter=sep))
-    df = pd.read_csv(path, sep=sep, header=None, skiprows=1, index_col=0)
+    try:
+        with opener(path, "rt") as fh:
+            header = next(csv.reader([fh.readline().rstrip("\r\n")], delimiter=sep))
+        df = pd.read_csv(path, sep=sep, header=None, skiprows=1, index_col=0)
+    except (EOFError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError, pd.errors.ParserError, StopIteration) as exc:
+        raise CPNNInputError(f"truncated or corrupt table ({type(exc).__name__}: {exc}).", path=path,
+                             fix="re-download or re-export the file.") from None
     if len(header) == df.shape[1] + 1:
         header = header[1:]
     elif len(header) != df.shape[1]:  # R's write.table omits the corner label
@@ -371,7 +377,9 @@ def read_bulk_table(
     path = require_file(path, "bulk expression table", "check the path.")
     name = path.name.lower()
     if name.endswith(".h5ad"):
-        src = ad.read_h5ad(path)
+        from .spatial_h5ad import read_h5ad_checked
+
+        src = read_h5ad_checked(path)
         mat = src.layers[K.COUNTS] if K.COUNTS in src.layers else src.X
         field = f"layers['{K.COUNTS}']" if K.COUNTS in src.layers else "X"
         df_obs, samples, genes = src.obs.copy(), list(src.obs_names), list(src.var_names)

@@ -154,6 +154,13 @@ class CPNN:
         if bags is None:
             return BagData.from_spots(features)
         offsets = np.asarray(bags, dtype=np.int64)
+        if offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != len(features):
+            raise CPNNInputError(f"bag offsets must run from 0 to the number of patches ({len(features)})",
+                                 field="bags", fix="pass offsets like [0, n_1, n_1 + n_2, ...]")
+        empty = np.nonzero(np.diff(offsets) <= 0)[0]
+        if len(empty):
+            raise CPNNInputError(f"{len(empty)} bag(s) have no patches (first: {empty[:5].tolist()})",
+                                 field="bags", fix="drop slides/regions without tissue tiles before predicting")
         return BagData(features, offsets)
 
     # ------------------------------------------------------------------ training

@@ -69,7 +69,10 @@ class BagData:
         sizes = [len(f) for f in bag_features]
         if any(s == 0 for s in sizes):
             empty = [i for i, s in enumerate(sizes) if s == 0]
-            raise ValueError(f"bag(s) {empty[:5]} have zero patches; drop them or check their tissue mask")
+            from ..errors import CPNNInputError
+
+            raise CPNNInputError(f"bag(s) {empty[:5]} have zero patches", field="bags",
+                                 fix="drop them or check their tissue mask")
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         return cls(np.concatenate(bag_features, axis=0), offsets, counts, targets)
 
