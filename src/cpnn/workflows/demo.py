@@ -33,7 +33,7 @@ def demo_settings(quick: bool = False) -> Dict[str, Any]:
     s = {
         "cohort": dict(n_slides=24, n_types=5, n_genes=200, image_px=1024, mpp=0.5,
                        spot_pitch_um=100.0, spot_diameter_um=100.0, n_ref_cells=1500),
-        "prototypes": dict(method="naive", label_key="cell_type", batch_key="batch", min_genes=10),
+        "prototypes": dict(method="regression", label_key="cell_type", batch_key="batch", min_genes=10),
         "encoder": dict(name="efficientnet-lite0", patch_um=100.0, out_px=112, tta="none"),
         "test_fraction_patients": 1 / 3,
         "spot_model": dict(hidden=[256], dropout=0.1, loss="nb", composition_weight=1e2, template_weight=1e3),
