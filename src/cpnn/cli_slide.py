@@ -1,0 +1,59 @@
+"""``cpnn predict-slide`` and ``cpnn extract-tiles``: whole-slide images."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _cmd_predict_slide(args: argparse.Namespace) -> int:
+    from .workflows.wsi import predict_slide
+
+    out = Path(args.out)
+    features_dir = args.features_dir or str(out.parent / "features")
+    a = predict_slide(Path(args.run), args.slide, mpp=args.mpp, tile_px=args.tile_px, target_mpp=args.target_mpp,
+                      out=out, features_dir=features_dir, min_tissue=args.min_tissue,
+                      batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.no_progress)
+    print(f"wrote {out} ({a.n_obs} tiles x {a.n_vars} genes, {len(a.uns['cpnn']['cell_types'])} cell types; "
+          f"slide bulk in uns['cpnn']['bulk_prediction'])")
+    return 0
+
+
+def _cmd_extract_tiles(args: argparse.Namespace) -> int:
+    from .workflows.wsi import slide_features
+
+    ff, facts = slide_features(args.slide, args.encoder, mpp=args.mpp, tile_px=args.tile_px,
+                               target_mpp=args.target_mpp, features_dir=args.out, min_tissue=args.min_tissue,
+                               batch_size=args.batch_size, num_workers=args.num_workers, tta=args.tta,
+                               progress=not args.no_progress)
+    print(f"wrote {Path(args.out) / (facts['slide_id'] + '.h5')} ({len(ff.features)} tissue tiles x "
+          f"{ff.features.shape[1]} dims, {args.tile_px} px at {args.target_mpp} µm/px)")
+    return 0
+
+
+def _tile_args(p: argparse.ArgumentParser, defaults_from_model: bool) -> None:
+    p.add_argument("--slide", required=True, help="whole-slide image (svs, ndpi, tiff, ...)")
+    p.add_argument("--mpp", type=float, default=None, help="level-0 microns per pixel when the file has none")
+    hint = " (default: the model's patch)" if defaults_from_model else ""
+    p.add_argument("--tile-px", type=int, default=None if defaults_from_model else 224, help="tile side in px" + hint)
+    p.add_argument("--target-mpp", type=float, default=None if defaults_from_model else 0.5,
+                   help="tile resolution in µm/px" + hint)
+    p.add_argument("--min-tissue", type=float, default=0.25, help="minimum tissue fraction of a kept tile")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=1, help="image decoding threads")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("predict-slide", help="predict a whole slide: per-tile maps and the slide's bulk profile")
+    p.add_argument("run", help="run folder written by `cpnn fit` (or a model .cpnn file)")
+    _tile_args(p, True)
+    p.add_argument("--features-dir", default=None, help="tile feature cache (default: OUT's folder/features)")
+    p.add_argument("--out", required=True, help="output .h5ad (one obs per tile)")
+    p.set_defaults(func=_cmd_predict_slide)
+
+    p = sub.add_parser("extract-tiles", help="tile a slide's tissue and save CLAM/TRIDENT-style tile features")
+    _tile_args(p, False)
+    p.add_argument("--encoder", default="efficientnet-lite0")
+    p.add_argument("--tta", choices=["none", "flips", "flips8"], default="none")
+    p.add_argument("--out", required=True, help="output folder ({slide}.h5)")
+    p.set_defaults(func=_cmd_extract_tiles)

@@ -1,0 +1,217 @@
+"""Whole-slide prediction: tissue tiles -> features (cached) -> CPNN -> one AnnData per slide.
+
+The slide is one bag: every tissue tile is used (no sampling), the bag prediction is the
+slide's bulk profile and each tile gets its own expression and cell-type weights.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Union
+
+import numpy as np
+
+from .._constants import SPATIAL, UNS, WEIGHTS
+from ..errors import CPNNInputError
+
+
+def _tile_settings(model, tile_px: Optional[int], target_mpp: Optional[float]):
+    """Tile size and resolution: the model's patch (``patch_um`` at ``out_px``) unless given."""
+    enc = dict(model.encoder or {})
+    patch_um = float(enc.get("patch_um") or 112.0)
+    out_px = int(enc.get("out_px") or 224)
+    tile_px = int(tile_px or out_px)
+    target_mpp = float(target_mpp or patch_um / tile_px)
+    return tile_px, target_mpp
+
+
+def slide_features(slide_path: Union[str, os.PathLike], encoder_name: str, *, mpp: Optional[float] = None,
+                   tile_px: int = 224, target_mpp: float = 0.5, features_dir: Optional[os.PathLike] = None,
+                   min_tissue: float = 0.25, batch_size: int = 32, num_workers: int = 1, tta: str = "none",
+                   progress: bool = True):
+    """Tile a slide's tissue and encode every tile; cached as ``{features_dir}/{slide}.h5``.
+
+    Parameters
+    ----------
+    slide_path
+        Any slide :func:`cpnn.image.open_slide` reads (svs, tiff, ndpi, jpg, ...).
+    encoder_name
+        Registered encoder (e.g. ``"efficientnet-lite0"``).
+    mpp
+        Microns per pixel at level 0 when the file does not say (else an error).
+    tile_px, target_mpp
+        Tile side in pixels at ``target_mpp`` µm/px.
+    features_dir
+        Folder of the CLAM/TRIDENT-style feature file ``{slide stem}.h5`` (default
+        ``./features``); a complete file made with the same settings is reused.
+
+    Returns
+    -------
+    (FeatureFile, dict)
+        The features (``coords`` = top-left level-0 px) and slide facts
+        (``slide_id``, ``mpp``, ``dimensions``, ``tile_level0``, ``thumbnail``, ``scale``).
+    """
+    from ..encoders import create_encoder, extract_tile_features
+    from ..image import open_slide, tile_size_level0
+
+    slide_path = Path(slide_path)
+    if not slide_path.exists():
+        raise CPNNInputError("slide file not found", path=slide_path, field="--slide")
+    slide_id = slide_path.stem
+    out_dir = Path(features_dir) if features_dir is not None else Path("features")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open_slide(slide_path, mpp=mpp) as slide:
+        encoder = create_encoder(encoder_name)
+        ff = extract_tile_features(slide, out_dir / f"{slide_id}.h5", encoder, tile_px=tile_px,
+                                   target_mpp=target_mpp, batch_size=batch_size, num_workers=num_workers,
+                                   tta=tta, progress=progress, min_tissue=min_tissue)
+        thumb = slide.thumbnail(2000)
+        facts = {"slide_id": slide_id, "mpp": float(slide.mpp), "dimensions": tuple(slide.dimensions),
+                 "tile_level0": float(tile_size_level0(slide, tile_px, target_mpp)), "thumbnail": thumb,
+                 "scale": thumb.shape[1] / slide.dimensions[0], "path": str(slide_path)}
+    return ff, facts
+
+
+def predict_slide(model, slide_path: Union[str, os.PathLike], mpp: Optional[float] = None,
+                  tile_px: Optional[int] = None, target_mpp: Optional[float] = None,
+                  out: Optional[Union[str, os.PathLike]] = None, features_dir: Optional[os.PathLike] = None,
+                  min_tissue: float = 0.25, batch_size: int = 32, num_workers: int = 1,
+                  chunk_patches: int = 16384, progress: bool = True):
+    """Predict a whole slide: per-tile expression and weights, and the slide's bulk profile.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`cpnn.model.CPNN` (or the path of a run folder / model file).
+    slide_path
+        The slide.
+    mpp
+        Level-0 microns per pixel when the file has none.
+    tile_px, target_mpp
+        Tile size; default the model's patch (``encoder['patch_um']`` at ``out_px``,
+        e.g. 112 µm -> 224 px at 0.5 µm/px), so tiles look like the training patches.
+    out
+        Optional ``.h5ad`` path to write.
+    features_dir
+        Where the tile feature file is cached (default ``./features``).
+
+    Returns
+    -------
+    anndata.AnnData
+        One obs per tile: ``X`` per-tile log1p CP10k; ``obsm['spatial']`` tile centres
+        (x, y) level-0 px; ``obsm['cpnn_weights']``; ``obs`` ``x0, y0`` (top-left),
+        ``cpnn_dominant_type``; ``uns['cpnn']['bulk_prediction']`` the slide's predicted
+        bulk (log1p CP10k, var order) and ``bulk_weights``; ``uns['spatial'][slide_id]``
+        with a ``hires`` thumbnail, ``tissue_hires_scalef`` and ``spot_diameter_fullres``
+        = tile side in level-0 px.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    if isinstance(model, (str, os.PathLike)):
+        from .fit import load_run_model
+
+        model = load_run_model(Path(model))
+    enc = dict(model.encoder or {})
+    tile_px, target_mpp = _tile_settings(model, tile_px, target_mpp)
+    ff, facts = slide_features(slide_path, enc.get("name", "efficientnet-lite0"), mpp=mpp, tile_px=tile_px,
+                               target_mpp=target_mpp, features_dir=features_dir, min_tissue=min_tissue,
+                               batch_size=batch_size, num_workers=num_workers, tta=enc.get("tta", "none"),
+                               progress=progress)
+    n = len(ff.features)
+    pred = model.predict(ff.features, bags=[0, n], chunk_patches=chunk_patches)
+    side = facts["tile_level0"]
+    coords = np.asarray(ff.coords, dtype=np.float64)
+    obs = pd.DataFrame({"x0": ff.coords[:, 0].astype(np.int64), "y0": ff.coords[:, 1].astype(np.int64)},
+                       index=pd.Index([f"tile{i}" for i in range(n)], name="tile"))
+    obs["cpnn_dominant_type"] = pd.Categorical([model.cell_types[i] for i in pred["weights"].argmax(1)],
+                                               categories=model.cell_types)
+    adata = ad.AnnData(X=np.log1p(pred["spot_expr"] * 1e4).astype(np.float32), obs=obs,
+                       var=pd.DataFrame(index=pd.Index(model.genes, name="gene")))
+    adata.obsm[SPATIAL] = coords + side / 2.0
+    adata.obsm[WEIGHTS] = pred["weights"].astype(np.float32)
+    sid = facts["slide_id"]
+    adata.uns[UNS] = {
+        "cell_types": list(model.cell_types),
+        "level": "slide",
+        "expression": "log1p CP10k (predicted)",
+        "bulk_prediction": np.log1p(pred["bag_expr"][0] * 1e4).astype(np.float32),
+        "bulk_weights": pred["bag_weights"][0].astype(np.float32),
+        "slide_path": facts["path"],
+        "n_tiles": int(n),
+        "tile_px": int(tile_px),
+        "target_mpp": float(target_mpp),
+        "encoder": {k: v for k, v in enc.items() if v is not None and not isinstance(v, dict)},
+    }
+    adata.uns["spatial"] = {sid: {
+        "images": {"hires": facts["thumbnail"]},
+        "scalefactors": {"tissue_hires_scalef": float(facts["scale"]), "tissue_lowres_scalef": float(facts["scale"]),
+                         "spot_diameter_fullres": float(side), "microns_per_pixel": facts["mpp"]},
+        "metadata": {"source": "cpnn predict-slide"},
+    }}
+    if out is not None:
+        from ..utils import atomic_path
+
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out, suffix=".h5ad") as tmp:
+            adata.write_h5ad(tmp)
+    return adata
+
+
+def predict_bag_streaming(model, chunks: Iterable[np.ndarray]) -> Dict[str, np.ndarray]:
+    """Bulk prediction of one bag read chunk by chunk (memory does not grow with the bag).
+
+    Parameters
+    ----------
+    model
+        A trained :class:`cpnn.model.CPNN`.
+    chunks
+        Iterable of ``(n_i, D)`` raw (unscaled) feature arrays, e.g. slices of an HDF5
+        ``features`` dataset.
+
+    Returns
+    -------
+    dict
+        ``bag_expr`` (G,) composition and ``bag_weights`` (K,) — equal to
+        ``model.predict(features, bags=[0, N])``'s bag outputs — and ``n_tiles``.
+    """
+    import torch
+
+    model._check_fitted()
+    module = model.module
+    module.eval()
+    total = torch.zeros(module.n_genes, dtype=torch.float64)
+    wsum = torch.zeros(module.n_types, dtype=torch.float64)
+    n = 0
+    with torch.no_grad():
+        proto = module.prototype_expression()
+        for chunk in chunks:
+            x = torch.from_numpy(model.scaler.transform(np.asarray(chunk, dtype=np.float32)))
+            w = module.weights(x)
+            e = module._apply_gene_factors(w @ proto)
+            total += e.double().sum(0)
+            wsum += w.double().sum(0)
+            n += len(x)
+    if n == 0:
+        raise CPNNInputError("the bag has no tiles", field="features")
+    mean = total / n
+    return {"bag_expr": (mean / mean.sum()).float().numpy(), "bag_weights": (wsum / n).float().numpy(),
+            "n_tiles": n}
+
+
+def iter_feature_file(path: Union[str, os.PathLike], chunk: int = 16384):
+    """Yield ``features`` of a CLAM/TRIDENT HDF5 file in row chunks (never all at once)."""
+    import h5py
+
+    path = Path(path)
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as exc:
+        raise CPNNInputError(f"not a readable HDF5 feature file ({exc})", path=path) from exc
+    with fh:
+        if "features" not in fh:
+            raise CPNNInputError("no 'features' dataset", path=path, field="features")
+        ds = fh["features"]
+        for s in range(0, ds.shape[0], chunk):
+            yield ds[s:s + chunk]
