@@ -1,0 +1,201 @@
+"""Methods a benchmark compares, behind one registry.
+
+A method is a function ``fn(train, test, ctx, /, **options) -> MethodOutput`` (positional-only
+data arguments, so that options such as ``train:`` never clash with them):
+
+* ``train`` is a :class:`TrainData` (features, raw counts of the fold's genes, groups
+  and the fold's validation mask — all from the training folds);
+* ``test`` is a :class:`TestData` with features, groups and ids only: **test targets are
+  never handed to a method**, so no method can select anything on them;
+* ``ctx`` is a :class:`MethodContext` (genes, seed, prototypes and deconvolution caches).
+
+It returns predicted log1p CP10k expression of the test observations (genes in
+``ctx.genes`` order) and, for CPNN-like methods, cell-type weights. Register new kinds
+(e.g. slide-level baselines) with :func:`register_method`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from ..errors import CPNNInputError
+from .metrics import to_log1p_cp10k
+
+_METHODS: Dict[str, Callable[..., "MethodOutput"]] = {}
+
+
+@dataclass
+class TrainData:
+    """Training observations of one fold (validation part included, marked by ``val``)."""
+
+    features: np.ndarray
+    counts: np.ndarray
+    groups: np.ndarray
+    val: np.ndarray  # bool mask: the fold's validation part (for early stopping)
+    ids: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TestData:
+    """Test observations of one fold: inputs only, never their targets."""
+
+    __test__ = False  # not a pytest test class
+
+    features: np.ndarray
+    groups: np.ndarray
+    ids: List[str] = field(default_factory=list)
+
+
+@dataclass
+class MethodContext:
+    """What a method may use besides its data: genes, seed and shared caches."""
+
+    genes: List[str]
+    seed: int
+    fold: int
+    gene_set: str
+    prototypes: Callable[..., Any]  # prototypes(label=..., method=...) -> Prototypes for ctx.genes
+    deconvolution: Callable[..., Any]  # deconvolution(prototypes, key, counts) -> Deconvolution (cached)
+    encoder: Dict[str, Any] = field(default_factory=dict)
+    progress: bool = False
+
+
+@dataclass
+class MethodOutput:
+    """Predictions of one method on one fold's test observations."""
+
+    expression: np.ndarray  # (N_test, G) log1p CP10k
+    weights: Optional[np.ndarray] = None  # (N_test, K)
+    cell_types: Optional[List[str]] = None
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+def register_method(kind: str):
+    """Decorator registering ``fn(train, test, ctx, **options) -> MethodOutput`` as ``kind``."""
+
+    def deco(fn):
+        _METHODS[kind] = fn
+        return fn
+
+    return deco
+
+
+def get_method(kind: str):
+    """The registered method function of ``kind``."""
+    if kind not in _METHODS:
+        raise CPNNInputError(f"unknown method kind {kind!r}", field="methods[].kind",
+                             fix=f"use one of {', '.join(sorted(_METHODS))} or register_method() your own")
+    return _METHODS[kind]
+
+
+def list_methods() -> List[str]:
+    """Registered method kinds."""
+    return sorted(_METHODS)
+
+
+# --------------------------------------------------------------------------- CPNN
+CPNN_SHORTCUTS = ("loss", "gene_factors", "learn_prototypes", "normalise_prototypes", "hidden", "dropout",
+                  "composition_weight", "template_weight", "feature_scaling")
+
+
+def cpnn_configs(options: Dict[str, Any], seed: int, progress: bool = False):
+    """(CPNNConfig, TrainConfig) of a ``cpnn`` method entry.
+
+    ``preset: package`` (default) starts from ``cpnn fit``'s spot defaults
+    (:data:`cpnn.workflows.fit.SPOT_MODEL_DEFAULTS`, ``SPOT_TRAIN_DEFAULTS``);
+    ``preset: paper`` from the paper's settings (the ``CPNNConfig``/``TrainConfig``
+    defaults, early stopping on the validation loss). ``model:``/``train:`` dicts and the
+    shortcuts ``loss``, ``gene_factors``, ``learn_prototypes`` ... override them.
+    """
+    from ..config import CPNNConfig, TrainConfig, config_from_dict
+    from ..workflows.fit import SPOT_MODEL_DEFAULTS, SPOT_TRAIN_DEFAULTS
+
+    preset = options.get("preset", "package")
+    if preset == "package":
+        model, train = dict(SPOT_MODEL_DEFAULTS), dict(SPOT_TRAIN_DEFAULTS)
+    elif preset == "paper":
+        model, train = {}, {"early_stopping": "val_loss"}
+    else:
+        raise CPNNInputError(f"unknown cpnn preset {preset!r}", field="methods[].preset", fix="use package or paper")
+    model.update(options.get("model") or {})
+    for k in CPNN_SHORTCUTS:
+        if k in options:
+            model[k] = options[k]
+    train.update(options.get("train") or {})
+    train["seed"] = int(options.get("seed", seed))
+    train["progress"] = progress
+    try:
+        return config_from_dict(CPNNConfig, model), config_from_dict(TrainConfig, train)
+    except ValueError as exc:
+        raise CPNNInputError(str(exc), field="methods[].model/train") from exc
+
+
+@register_method("cpnn")
+def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options) -> MethodOutput:
+    """CPNN at spot level. Options: ``preset``, ``label`` (reference column, or
+    ``kmeans<k>``), ``prototypes`` (``regression``/``naive``), ``composition_targets``
+    (``deconvolve``/``none``), ``deconvolution`` (kwargs), ``model``, ``train`` and the
+    shortcuts of :func:`cpnn_configs`."""
+    from ..model import CPNN
+
+    t0 = time.perf_counter()
+    cfg, tcfg = cpnn_configs(options, ctx.seed, ctx.progress)
+    protos = ctx.prototypes(label=options.get("label"), method=options.get("prototypes", "regression"))
+    if list(protos.genes) != list(ctx.genes):
+        raise CPNNInputError("prototype genes differ from the fold's gene set", field="genes",
+                             fix="report this: gene sets are restricted to reference genes beforehand")
+    model = CPNN(protos, cfg, tcfg, encoder=ctx.encoder)
+    targets: Any = None
+    mode = options.get("composition_targets", "deconvolve")
+    if mode == "deconvolve":
+        # one deconvolution per (fold, gene set, prototypes) shared by all variants;
+        # the same initialisation of the gene factors as CPNN.fit(..., "deconvolve")
+        dec = ctx.deconvolution(protos, train.counts, **(options.get("deconvolution") or {}))
+        lpf = np.log(np.clip(dec.platform_factor, 1e-8, None)).astype(np.float32)
+        model.log_platform_factor = lpf - lpf.mean()
+        targets = np.asarray(dec.proportions, dtype=np.float32)
+    elif mode not in (None, "none"):
+        raise CPNNInputError(f"unknown composition_targets {mode!r}", field="methods[].composition_targets",
+                             fix="use deconvolve or none")
+    val = np.flatnonzero(train.val) if train.val.any() else None
+    model.fit(train.features, train.counts, composition_targets=targets, groups=train.groups, val_bags=val)
+    out = model.predict(test.features)
+    tr = model.train_result
+    return MethodOutput(
+        expression=np.log1p(out["spot_expr"].astype(np.float64) * 1e4),
+        weights=out["weights"], cell_types=list(model.cell_types),
+        info={"best_epoch": tr.best_epoch, "epochs_run": tr.epochs_run, "criterion": tr.criterion,
+              "n_cell_types": len(model.cell_types), "fit_seconds": round(time.perf_counter() - t0, 1)},
+    )
+
+
+# --------------------------------------------------------------------------- baselines
+@register_method("ridge")
+def run_ridge(train: TrainData, test: TestData, ctx: MethodContext, /, **options) -> MethodOutput:
+    """HEST-Benchmark probe (standardise, PCA, ridge) on log1p CP10k. Options:
+    ``alphas`` (``cv`` inner CV grouped by training groups, ``hest`` the published
+    penalty, or a list), ``n_components`` (256), ``n_inner_folds`` (4)."""
+    from ..model.probes import RidgeProbe
+
+    probe = RidgeProbe(n_components=int(options.get("n_components", 256)), alphas=options.get("alphas", "cv"),
+                       n_inner_folds=int(options.get("n_inner_folds", 4)), seed=int(options.get("seed", ctx.seed)))
+    probe.fit(train.features, to_log1p_cp10k(train.counts), groups=train.groups)
+    return MethodOutput(expression=probe.predict(test.features), info={"alpha": probe.alpha_})
+
+
+@register_method("mlp")
+def run_mlp(train: TrainData, test: TestData, ctx: MethodContext, /, **options) -> MethodOutput:
+    """MLP regressor on log1p CP10k (:class:`cpnn.model.probes.MLPRegressor` options)."""
+    from ..model.probes import MLPRegressor
+
+    kw = {k: v for k, v in options.items() if k not in ("name", "kind")}
+    kw.setdefault("seed", ctx.seed)
+    try:
+        mlp = MLPRegressor(**kw)
+    except TypeError as exc:
+        raise CPNNInputError(f"bad mlp option: {exc}", field="methods[]") from exc
+    mlp.fit(train.features, to_log1p_cp10k(train.counts), groups=train.groups)
+    return MethodOutput(expression=mlp.predict(test.features))
