@@ -76,3 +76,20 @@ def test_input_errors():
         deconvolve(empty, T)
     with pytest.raises(CPNNInputError, match="likelihood"):
         deconvolve(Y, T, likelihood="gaussian")
+
+
+def test_background_only_observation_gets_finite_uniform_proportions():
+    # regression test: a row whose abundances all shrink to zero once gave 0/0 = NaN
+    # proportions (float32 W with a 1e-300 floor), which poisoned CPNN training
+    import numpy as np
+
+    from cpnn.prototypes import deconvolve
+
+    rng = np.random.default_rng(0)
+    t = rng.gamma(1.0, 1.0, size=(3, 40)) + 0.01
+    y = rng.poisson(rng.dirichlet(np.ones(3), size=30) @ t * 50).astype(np.float32)
+    y[0] = 0
+    y[0, 0] = 1  # one count in one gene: nothing for the cell types to explain
+    out = deconvolve(y, t, seed=0)
+    assert np.isfinite(out.proportions).all()
+    np.testing.assert_allclose(out.proportions.sum(1), 1.0, rtol=1e-6)

@@ -226,8 +226,11 @@ def deconvolve(
                 break
     mu = (W @ T) * torch.exp(log_m) + s
     loglik = _nb_loglik(Y, mu, r, lgamma_y1)
-    w = W.cpu().numpy()
-    props = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
+    w = W.double().cpu().numpy()
+    totals = w.sum(axis=1, keepdims=True)
+    # an observation the background explains entirely has no cell-type signal: uniform,
+    # never 0/0 (W is float32, where a 1e-300 floor underflows to zero)
+    props = np.where(totals > 0, w / np.where(totals > 0, totals, 1.0), 1.0 / w.shape[1])
     disp = np.full(g, np.inf) if r is None else r.cpu().numpy()
     return Deconvolution(props, w, torch.exp(log_m).cpu().numpy(), s.cpu().numpy(), disp,
                          loglik, it, converged, time.perf_counter() - start, types, history)

@@ -200,6 +200,12 @@ def train_cpnn(
                     None if targets is None else targets[bags].to(device),
                     config,
                 )
+                if not torch.isfinite(parts["total"]):
+                    bad = {k: float(v.detach()) for k, v in parts.items()}
+                    raise FloatingPointError(
+                        f"non-finite training loss at epoch {epoch} ({bad}); check the inputs for NaN/inf "
+                        "or lower the learning rate"
+                    )
                 opt.zero_grad(set_to_none=True)
                 parts["total"].backward()
                 if tc.grad_clip > 0:
