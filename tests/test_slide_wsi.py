@@ -21,7 +21,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A CPNN on 1,280-d features (EfficientNet-Lite0's), trained one epoch on noise."""
+    """A CPNN on 1,280-d features (EfficientNet-Lite0's), trained one epoch on noise.
+
+    Its patches are 448 µm (224 px at 2 µm/px), so that test slides give a few tiles."""
     from cpnn.model import CPNN
 
     rng = np.random.default_rng(0)
@@ -33,7 +35,7 @@ def tiny_model(tmp_path_factory):
         provenance = {"method": "test"}
 
     model = CPNN(P(), CPNNConfig(hidden=(8,)), TrainConfig(max_epochs=1, early_stopping="none", progress=False),
-                 encoder={"name": "efficientnet-lite0", "patch_um": 112.0, "out_px": 224, "tta": "none"})
+                 encoder={"name": "efficientnet-lite0", "patch_um": 448.0, "out_px": 224, "tta": "none"})
     model.fit(rng.normal(size=(40, 1280)).astype(np.float32), rng.poisson(20, size=(40, 10)) + 1,
               composition_targets=None)
     path = tmp_path_factory.mktemp("run") / "model.cpnn"
@@ -60,8 +62,7 @@ def test_predict_slide_outputs_and_cache(tiny_model, tmp_path):
     slide = tissue_png(tmp_path / "blob.png")
     feats = tmp_path / "feats"
     # 224 px at 2 µm/px = 448 µm tiles; at 1 µm/px level 0 a tile is 448 px
-    a = predict_slide(model, slide, mpp=1.0, tile_px=224, target_mpp=2.0, features_dir=feats,
-                      out=tmp_path / "pred.h5ad", progress=False)
+    a = predict_slide(model, slide, mpp=1.0, features_dir=feats, out=tmp_path / "pred.h5ad", progress=False)
     with h5py.File(feats / "blob.h5", "r") as fh:
         coords = fh["coords"][:]
         f = fh["features"][:]
@@ -82,6 +83,8 @@ def test_predict_slide_outputs_and_cache(tiny_model, tmp_path):
     mtime = (feats / "blob.h5").stat().st_mtime_ns
     predict_slide(model, slide, mpp=1.0, tile_px=224, target_mpp=2.0, features_dir=feats, progress=False)
     assert (feats / "blob.h5").stat().st_mtime_ns == mtime  # features reused, not re-extracted
+    with pytest.raises(CPNNInputError, match="trained on 448 µm patches"):
+        predict_slide(model, slide, mpp=1.0, tile_px=224, target_mpp=0.5, features_dir=feats, progress=False)
 
 
 def test_predict_slide_needs_mpp_and_a_real_file(tiny_model, tmp_path):

@@ -22,6 +22,13 @@ def _tile_settings(model, tile_px: Optional[int], target_mpp: Optional[float]):
     out_px = int(enc.get("out_px") or 224)
     tile_px = int(tile_px or out_px)
     target_mpp = float(target_mpp or patch_um / tile_px)
+    if abs(tile_px * target_mpp - patch_um) > 0.01 * patch_um:
+        # a model sees tissue at one physical scale; other tiles give silently wrong maps
+        raise CPNNInputError(
+            f"tiles of {tile_px} px at {target_mpp:g} µm/px cover {tile_px * target_mpp:g} µm, but the model was "
+            f"trained on {patch_um:g} µm patches", field="--tile-px/--target-mpp",
+            fix=f"drop --tile-px/--target-mpp (default {out_px} px at {patch_um / out_px:g} µm/px), "
+                f"or keep tile_px x target_mpp = {patch_um:g}")
     return tile_px, target_mpp
 
 
