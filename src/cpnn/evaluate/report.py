@@ -130,6 +130,12 @@ def _gene_map_figure(out: Path, res, cfg, data, gene_set: str, method: str):
         with open_slide(info["image_path"], mpp=mpp) as sl:
             image = sl.thumbnail(1200)
             scale = image.shape[1] / sl.dimensions[0]
+        # crop to the spots (plus one spot of margin) so the tissue fills the panels
+        pad = diameter_px
+        x0, y0 = np.maximum(0, np.floor((xy.min(0) - pad) * scale)).astype(int)
+        x1, y1 = np.ceil((xy.max(0) + pad) * scale).astype(int)
+        image = image[y0:y1, x0:x1]
+        xy = xy - np.array([x0, y0]) / scale
     genes = [pg.loc[i, "gene"] for i in chosen]
     gene_maps(out / "gene_maps.png", xy, truth[rows][:, chosen], pred[rows][:, chosen], genes,
               [float(pg.loc[i, "pcc"]) for i in chosen], diameter_px, image=image, image_scale=scale,

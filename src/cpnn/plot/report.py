@@ -91,6 +91,6 @@ def gene_maps(path, xy: np.ndarray, measured: np.ndarray, predicted: np.ndarray,
                  title=f"{g} predicted ({method}), r = {scores[i]:.2f}", label="log1p CP10k")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / n))
     fig.savefig(path, dpi=100)
     plt.close(fig)
