@@ -130,7 +130,7 @@ def test_model_file_describes_itself_and_refuses_mismatches(cohort_run, tmp_path
     assert payload["state_dict"] and tuple(payload["prototypes"].shape) == (3, len(model.genes))
     with pytest.raises(CPNNInputError, match="same genes in a different order"):
         cpnn.CPNN.load(path, genes=list(reversed(model.genes)))
-    with pytest.raises(CPNNInputError, match="trained on 'efficientnet-lite0' features, not 'uni'"):
+    with pytest.raises(CPNNInputError, match="name: model 'efficientnet-lite0', features 'uni'"):
         cpnn.CPNN.load(path, encoder="uni")
 
 

@@ -53,7 +53,7 @@ def test_save_load_predict_identical(toy_problem, tmp_path):
         CPNN.load(path, genes=list(reversed(model.genes)))
     with pytest.raises(CPNNInputError, match="missing from the input"):
         CPNN.load(path, genes=model.genes[:-1] + ["NOTAGENE"])
-    with pytest.raises(CPNNInputError, match="trained on"):
+    with pytest.raises(CPNNInputError, match="name: model .efficientnet-lite0., features .uni."):
         CPNN.load(path, encoder="uni")
 
 
@@ -106,3 +106,26 @@ def test_ridge_probe_inner_cv_beats_hest_penalty_on_few_noisy_rows():
     score = lambda m: expression_metrics(m.predict(x[te]), y[te])["pcc_mean"]
     assert score(cv) > score(hest)
     assert score(cv) > 0.3
+
+
+def test_encoder_geometry_mismatch_is_refused(toy_problem, tmp_path):
+    model = _fit(toy_problem)
+    path = model.save(tmp_path / "m.cpnn")
+    CPNN.load(path, encoder={"encoder": "efficientnet-lite0", "patch_um": 112.0})  # same: fine
+    with pytest.raises(CPNNInputError, match="patch_um: model 112.0, features 224.0"):
+        CPNN.load(path, encoder={"encoder": "efficientnet-lite0", "patch_um": 224.0})
+
+
+def test_prototype_matrix_is_what_the_network_mixes(toy_problem):
+    model = _fit(toy_problem)
+    t = model.prototype_matrix()
+    out = model.predict(toy_problem["features"][300:305])
+    # without gene factors' offset, p @ T normalised reproduces the spot prediction
+    import torch
+
+    with torch.no_grad():
+        a = torch.exp(model.module.gene_scale).numpy()
+        b = torch.exp(model.module.gene_offset).numpy()
+    e = a * (out["weights"].astype(np.float64) @ t.astype(np.float64)) * (
+        model.module.prototype_expression().sum(1).mean().item() / 1e4) + b
+    np.testing.assert_allclose(e / e.sum(1, keepdims=True), out["spot_expr"], rtol=2e-4, atol=1e-9)

@@ -19,6 +19,11 @@ _LAZY = {
     "CPNN": "cpnn.model:CPNN",
     "CPNNConfig": "cpnn.config:CPNNConfig",
     "TrainConfig": "cpnn.config:TrainConfig",
+    "read_reference": "cpnn.prototypes:read_reference",
+    "fit_spatial": "cpnn.api:fit_spatial",
+    "predict_spatial": "cpnn.api:predict_spatial",
+    "spatial_features": "cpnn.api:spatial_features",
+    "plot_prediction": "cpnn.plot.maps:plot_prediction",
 }
 
 __all__ = ["__version__", *_LAZY]

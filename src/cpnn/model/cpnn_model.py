@@ -313,12 +313,18 @@ class CPNN:
         return predict_bags(self.module, data, chunk_patches=chunk_patches, device=self.train_config.device)
 
     def prototype_matrix(self) -> np.ndarray:
-        """``(K, G)`` prototypes as used by the trained network (a composition per type)."""
+        """``(K, G)`` prototypes exactly as the trained network mixes them.
+
+        ``exp(T)`` (or ``softmax_genes(T)`` with ``normalise_prototypes``), divided by one
+        global constant so that an average type sums to 10,000: types keep their relative
+        size, so ``p_ik * T_kg / sum_k p_ik * T_kg`` is each type's true share of gene g.
+        """
         self._check_fitted()
         import torch
 
         with torch.no_grad():
-            return torch.softmax(self.module.log_prototypes, dim=1).cpu().numpy()
+            t = self.module.prototype_expression().double().cpu().numpy()
+        return (t / t.sum(axis=1).mean() * 1e4).astype(np.float32)
 
     # ------------------------------------------------------------------ files
     def save(self, path: Union[str, os.PathLike]) -> Path:
@@ -354,7 +360,7 @@ class CPNN:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], genes: Optional[Sequence[str]] = None,
-             encoder: Optional[str] = None) -> "CPNN":
+             encoder: Union[None, str, Dict[str, Any]] = None) -> "CPNN":
         """Read a model written by :meth:`save`.
 
         Parameters
@@ -365,7 +371,8 @@ class CPNN:
             If given, the gene order the caller expects; a mismatch raises an error that
             says what differs.
         encoder
-            If given, the encoder name the caller's features come from; must match.
+            If given, the encoder name (or a dict with ``name``, ``patch_um``, ``out_px``,
+            ``tta`` — e.g. a feature file's attributes) of the caller's features; must match.
         """
         import torch
 
@@ -380,10 +387,7 @@ class CPNN:
             raise CPNNInputError("not a cpnn model file (missing 'format': 'cpnn-model')", path=path)
         if genes is not None and list(genes) != payload["genes"]:
             _raise_gene_mismatch(path, payload["genes"], list(genes))
-        saved_encoder = (payload.get("encoder") or {}).get("name")
-        if encoder is not None and saved_encoder is not None and encoder != saved_encoder:
-            raise CPNNInputError(f"model was trained on '{saved_encoder}' features, not '{encoder}'", path=path,
-                                 field="encoder", fix=f"extract features with --encoder {saved_encoder}")
+        check_encoder(payload.get("encoder") or {}, encoder, path)
 
         class _P:
             values = payload["prototypes"].numpy()
@@ -404,6 +408,32 @@ class CPNN:
 
         model.train_result = TrainResult(history=payload.get("history", []), best_epoch=payload.get("best_epoch", -1))
         return model
+
+
+def check_encoder(saved: Dict[str, Any], given: Union[None, str, Dict[str, Any]], path=None) -> None:
+    """Refuse features whose encoder or patch geometry differs from the model's.
+
+    ``given`` is an encoder name or a dict with any of ``name``/``encoder``, ``patch_um``,
+    ``out_px``, ``tta`` (a feature file's attributes work as they are).
+    """
+    if given is None or not saved:
+        return
+    given = {"name": given} if isinstance(given, str) else dict(given)
+    if "name" not in given and given.get("encoder"):
+        given["name"] = given["encoder"]
+    diffs = []
+    for key in ("name", "patch_um", "out_px", "tta"):
+        a, b = saved.get(key), given.get(key)
+        if a is None or b is None:
+            continue
+        same = abs(float(a) - float(b)) < 1e-6 * max(1.0, abs(float(a))) if key in ("patch_um", "out_px") else a == b
+        if not same:
+            diffs.append(f"{key}: model {a!r}, features {b!r}")
+    if diffs:
+        raise CPNNInputError(
+            "features do not match the model's encoder (" + "; ".join(diffs) + ")", path=path, field="encoder",
+            fix=f"extract features with --encoder {saved.get('name')} --patch-um {saved.get('patch_um')}",
+        )
 
 
 def _raise_gene_mismatch(path, saved, given) -> None:

@@ -185,11 +185,12 @@ def run_predict(run: Path, samples: List[SpatialSample], out: Path, features_dir
         out.mkdir(parents=True, exist_ok=True)
     for s in samples:
         if features_dir is not None:
+            from ..model.cpnn_model import check_encoder
+
             attrs = s.meta.get("feature_attrs", {})
-            if attrs.get("encoder") and enc.get("name") and attrs["encoder"] != enc["name"]:
-                raise CPNNInputError(f"features were made with '{attrs['encoder']}' but the model with '{enc['name']}'",
-                                     path=features_dir, field="encoder",
-                                     fix=f"extract features with --encoder {enc['name']}")
+            check_encoder(enc, {"name": attrs.get("encoder"), "patch_um": attrs.get("patch_um"),
+                                "out_px": attrs.get("patch_size_px"), "tta": attrs.get("tta")},
+                          Path(features_dir) / f"{s.sample_id}.h5")
         pred = prediction_anndata(model, s)
         target = out / f"{s.sample_id}.h5ad" if several else out
         with atomic_path(target, suffix=".h5ad") as tmp:

@@ -216,7 +216,7 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
 
     ``X`` log1p CP10k predicted expression; ``obsm['cpnn_weights']`` cell-type weights;
     ``obsm['spatial']`` (x, y) full-res pixels; ``varm['cpnn_prototypes']`` the learnt
-    prototypes; ``uns['cpnn']`` names and provenance; ``uns['spatial'][library_id]`` a
+    prototypes as the network mixes them (genes x types, see ``CPNN.prototype_matrix``); ``uns['cpnn']`` names and provenance; ``uns['spatial'][library_id]`` a
     downsampled image with scale factors; ``layers['counts']`` the measured counts of the
     model's genes when the input has them.
     """
