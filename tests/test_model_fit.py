@@ -129,3 +129,19 @@ def test_prototype_matrix_is_what_the_network_mixes(toy_problem):
     e = a * (out["weights"].astype(np.float64) @ t.astype(np.float64)) * (
         model.module.prototype_expression().sum(1).mean().item() / 1e4) + b
     np.testing.assert_allclose(e / e.sum(1, keepdims=True), out["spot_expr"], rtol=2e-4, atol=1e-9)
+
+
+def test_ensemble_members_validate_on_different_groups_and_round_trip(toy_problem, tmp_path):
+    groups = np.repeat(np.arange(6), 50)
+    model = CPNN(toy_problem["prototypes"], CPNNConfig(hidden=(32,)),
+                 TrainConfig(max_epochs=8, batch_size=32, progress=False, n_models=3, val_fraction=0.2))
+    model.fit(toy_problem["features"][:300], toy_problem["counts"][:300], groups=groups,
+              composition_targets=toy_problem["proportions"][:300])
+    vals = [frozenset(groups[m["val"]]) for m in model.split["members"]]
+    assert len(model.modules) == 3 and len(set(vals)) == 3  # each member held out other groups
+    out = model.predict(toy_problem["features"][300:])
+    np.testing.assert_allclose(out["weights"].sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out["spot_expr"].sum(1), 1.0, rtol=1e-5)
+    again = CPNN.load(model.save(tmp_path / "ens.cpnn"))
+    assert len(again.modules) == 3
+    np.testing.assert_array_equal(again.predict(toy_problem["features"][300:])["spot_expr"], out["spot_expr"])

@@ -95,6 +95,11 @@ class TrainConfig:
     val_fraction
         Fraction of the *training* data held out for early stopping (grouped by
         ``groups`` when given). Never the test fold.
+    n_models
+        Ensemble size. Each member is trained with its own validation part (the next
+        group(s) in a seeded rotation when there are groups, else another random part)
+        and its own seed; predictions are averaged. Averaging members stopped on
+        different validation parts makes early stopping far less noisy on small data.
     seed
         Seeds the split, the initialisation, the batch order and patch sampling.
     device
@@ -114,6 +119,7 @@ class TrainConfig:
     early_stopping: str = "val_pcc"
     patience: int = 30
     val_fraction: float = 0.15
+    n_models: int = 1
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -122,6 +128,8 @@ class TrainConfig:
         _check_choice("early_stopping", self.early_stopping, EARLY_STOPPING)
         if self.batch_size < 1 or self.max_epochs < 1:
             raise ValueError("batch_size and max_epochs must be >= 1")
+        if self.n_models < 1:
+            raise ValueError(f"n_models must be >= 1, got {self.n_models}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 

@@ -106,13 +106,23 @@ class CPNN:
         self.config = config or CPNNConfig()
         self.train_config = train_config or TrainConfig()
         self.encoder = dict(encoder or {})
-        self.module = None
+        self.modules: list = []
+        self.train_results: list = []
         self.scaler: Optional[FeatureScaler] = None
         self.log_platform_factor: Optional[np.ndarray] = None
-        self.train_result = None
         self.split: Dict[str, list] = {}
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def module(self):
+        """The (first) trained network; an ensemble holds the others in ``modules``."""
+        return self.modules[0] if self.modules else None
+
+    @property
+    def train_result(self):
+        """Training record of the first member (all members: ``train_results``)."""
+        return self.train_results[0] if self.train_results else None
+
     @property
     def n_types(self) -> int:
         return len(self.cell_types)
@@ -127,15 +137,14 @@ class CPNN:
         floor = 1e-6 * max(float(v.mean()), 1e-30)
         return np.log(v + floor).astype(np.float32)
 
-    def _build_module(self, in_dim: int):
+    def _build_module(self, in_dim: int, seed: Optional[int] = None):
         import torch
 
         from ..module.network import CPNNModule
 
-        torch.manual_seed(self.train_config.seed)
+        torch.manual_seed(self.train_config.seed if seed is None else seed)
         lpf = None if self.log_platform_factor is None else torch.from_numpy(self.log_platform_factor)
-        self.module = CPNNModule(in_dim, torch.from_numpy(self._log_prototypes()), self.config, lpf)
-        return self.module
+        return CPNNModule(in_dim, torch.from_numpy(self._log_prototypes()), self.config, lpf)
 
     @staticmethod
     def _as_bags(features, bags=None):
@@ -221,15 +230,24 @@ class CPNN:
         self.scaler = FeatureScaler.fit(data.features, self.config.feature_scaling)
         data.features = self.scaler.transform(data.features)
 
-        train_idx, val_idx = self._carve_validation(data.n_bags, groups, val_bags)
-        self.split = {"train": train_idx.tolist(), "val": val_idx.tolist()}
-        train = data.subset(train_idx)
-        val = data.subset(val_idx) if len(val_idx) else None
+        import dataclasses
 
         from ..train.loop import train_cpnn
 
-        module = self._build_module(data.features.shape[1])
-        self.train_result = train_cpnn(module, train, val, self.config, self.train_config)
+        self.modules, self.train_results = [], []
+        members = []
+        for member in range(self.train_config.n_models):
+            train_idx, val_idx = self._carve_validation(data.n_bags, groups, val_bags, member)
+            members.append({"train": train_idx.tolist(), "val": val_idx.tolist()})
+            seed = self.train_config.seed + member
+            module = self._build_module(data.features.shape[1], seed)
+            tc = dataclasses.replace(self.train_config, seed=seed)
+            val = data.subset(val_idx) if len(val_idx) else None
+            self.train_results.append(train_cpnn(module, data.subset(train_idx), val, self.config, tc))
+            self.modules.append(module)
+        self.split = dict(members[0])
+        if len(members) > 1:
+            self.split["members"] = members
         return self
 
     def _composition_targets(self, spec, counts: np.ndarray, kwargs) -> Optional[np.ndarray]:
@@ -253,7 +271,13 @@ class CPNN:
         sums = arr.sum(axis=1, keepdims=True)
         return arr / np.where(sums > 0, sums, 1)
 
-    def _carve_validation(self, n: int, groups, val_bags):
+    def _carve_validation(self, n: int, groups, val_bags, member: int = 0):
+        """Training and validation indices for ensemble member ``member``.
+
+        With >= 3 groups, whole groups are held out, taken in turn from one seeded
+        permutation so that members validate on different groups; otherwise a random
+        part of the observations, a different one per member.
+        """
         tc = self.train_config
         all_idx = np.arange(n)
         if val_bags is not None:
@@ -261,24 +285,25 @@ class CPNN:
             return np.setdiff1d(all_idx, val), val
         if tc.val_fraction <= 0 or tc.early_stopping == "none":
             return all_idx, np.zeros(0, dtype=np.int64)
-        rng = np.random.default_rng(tc.seed)
         if groups is not None:
             groups = np.asarray(groups)
             if len(groups) != n:
                 raise CPNNInputError(f"{len(groups)} group labels for {n} observations", field="groups")
             uniq = np.unique(groups)
             if len(uniq) >= 3:
+                order = np.random.default_rng(tc.seed).permutation(uniq)
                 n_val = max(1, int(round(tc.val_fraction * len(uniq))))
-                val_groups = rng.choice(uniq, n_val, replace=False)
+                start = (member * n_val) % len(uniq)
+                val_groups = np.take(order, np.arange(start, start + n_val), mode="wrap")
                 mask = np.isin(groups, val_groups)
                 return all_idx[~mask], all_idx[mask]
         n_val = max(1, int(round(tc.val_fraction * n)))
-        perm = rng.permutation(n)
+        perm = np.random.default_rng(tc.seed + member).permutation(n)
         return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
     # ------------------------------------------------------------------ inference
     def _check_fitted(self) -> None:
-        if self.module is None or self.scaler is None:
+        if not self.modules or self.scaler is None:
             raise RuntimeError("this CPNN model is not trained yet: call fit() or CPNN.load()")
 
     def predict(self, features, bags=None, chunk_patches: int = 16384) -> Dict[str, np.ndarray]:
@@ -310,7 +335,12 @@ class CPNN:
         data.features = self.scaler.transform(data.features)
         from ..train.loop import predict_bags
 
-        return predict_bags(self.module, data, chunk_patches=chunk_patches, device=self.train_config.device)
+        outs = [predict_bags(m, data, chunk_patches=chunk_patches, device=self.train_config.device)
+                for m in self.modules]
+        if len(outs) == 1:
+            return outs[0]
+        # members' compositions and weights are averaged (still compositions / simplices)
+        return {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in outs[0]}
 
     def prototype_matrix(self) -> np.ndarray:
         """``(K, G)`` prototypes exactly as the trained network mixes them.
@@ -322,9 +352,12 @@ class CPNN:
         self._check_fitted()
         import torch
 
+        mats = []
         with torch.no_grad():
-            t = self.module.prototype_expression().double().cpu().numpy()
-        return (t / t.sum(axis=1).mean() * 1e4).astype(np.float32)
+            for m in self.modules:
+                t = m.prototype_expression().double().cpu().numpy()
+                mats.append(t / t.sum(axis=1).mean() * 1e4)
+        return np.mean(mats, axis=0).astype(np.float32)
 
     # ------------------------------------------------------------------ files
     def save(self, path: Union[str, os.PathLike]) -> Path:
@@ -349,8 +382,10 @@ class CPNN:
             "log_platform_factor": None if self.log_platform_factor is None else torch.from_numpy(self.log_platform_factor),
             "scaler": self.scaler.to_dict(),
             "state_dict": self.module.state_dict(),
+            "member_state_dicts": [m.state_dict() for m in self.modules[1:]],
             "history": _jsonable(self.train_result.history if self.train_result else []),
             "best_epoch": int(self.train_result.best_epoch) if self.train_result else -1,
+            "member_best_epochs": [int(r.best_epoch) for r in self.train_results],
             "split": self.split,
         }
         path = Path(path)
@@ -400,13 +435,17 @@ class CPNN:
         lpf = payload.get("log_platform_factor")
         model.log_platform_factor = None if lpf is None else lpf.numpy()
         model.scaler = FeatureScaler.from_dict(payload["scaler"])
-        module = model._build_module(int(payload["in_dim"]))
-        module.load_state_dict(payload["state_dict"])
-        module.eval()
+        for state in [payload["state_dict"], *payload.get("member_state_dicts", [])]:
+            module = model._build_module(int(payload["in_dim"]))
+            module.load_state_dict(state)
+            module.eval()
+            model.modules.append(module)
         model.split = payload.get("split", {})
         from ..train.loop import TrainResult
 
-        model.train_result = TrainResult(history=payload.get("history", []), best_epoch=payload.get("best_epoch", -1))
+        bests = payload.get("member_best_epochs") or [payload.get("best_epoch", -1)]
+        model.train_results = [TrainResult(history=payload.get("history", []) if i == 0 else [], best_epoch=b)
+                               for i, b in enumerate(bests)]
         return model
 
 
