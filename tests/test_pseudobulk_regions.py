@@ -118,3 +118,37 @@ def test_fit_bulk_model_trains_on_regions_and_predicts_spots(tmp_path):
     again = CPNN.load(path)
     assert again.encoder["level"] == "bulk" and again.prototype_provenance["trained_level"] == "bulk"
     np.testing.assert_allclose(again.predict(samples[0].features)["weights"], out["weights"], rtol=1e-5)
+
+
+def test_run_fit_level_bulk_then_ordinary_predict(tmp_path):
+    """The ``cpnn fit --level bulk`` / ``cpnn predict`` path on feature files."""
+    from cpnn.encoders import write_feature_file
+    from cpnn.prototypes import Prototypes
+    from cpnn.workflows.fit import FitOptions, run_fit, run_predict
+
+    rng = np.random.default_rng(1)
+    g, d = 15, 6
+    Prototypes(values=(rng.gamma(1.0, 1.0, size=(3, g)) + 0.05).astype(np.float32), cell_types=["A", "B", "C"],
+               genes=[f"g{j}" for j in range(g)], method="naive", label_key="type").save(tmp_path / "protos.tsv")
+    feats = tmp_path / "feats"
+    samples = []
+    for i in range(3):
+        a = grid_section(f"S{i}", seed=10 + i)
+        f = rng.normal(size=(a.n_obs, d)).astype(np.float32)
+        write_feature_file(feats / f"S{i}.h5", f, np.zeros((a.n_obs, 2), np.int64),
+                           attrs={"encoder": "efficientnet-lite0", "patch_um": 112.0, "patch_size_px": 224,
+                                  "tta": "none"}, ids=list(a.obs_names))
+        samples.append(SpatialSample(f"S{i}", a))
+    opts = FitOptions(reference=str(tmp_path / "protos.tsv"), level="bulk")
+    opts.model.update(hidden=[8])
+    opts.train.update(max_epochs=2)
+    run = tmp_path / "run"
+    model = run_fit(samples[:2], opts, run, features_dir=feats, progress=False)
+    assert model.encoder["level"] == "bulk" and model.encoder["training"]["sections"] == ["S0", "S1"]
+    import json
+
+    assert json.loads((run / "metrics.json").read_text())["level"] == "bulk"
+    held_out = [SpatialSample("S2", samples[2].adata)]
+    pred = run_predict(run, held_out, tmp_path / "pred.h5ad", features_dir=feats, progress=False)[0]
+    assert pred.n_obs == samples[2].adata.n_obs and pred.obsm["cpnn_weights"].shape[1] == 3
+    assert pred.uns["cpnn"]["encoder"]["level"] == "bulk"

@@ -170,3 +170,27 @@ def test_bag_subsampling_happens_only_in_training():
     full = model.predict(big, bags=[0, len(big)])["bag_expr"]
     half = model.predict(big[: len(big) // 2], bags=[0, len(big) // 2])["bag_expr"]
     assert not np.allclose(full, half)
+
+
+def test_streaming_from_a_feature_file(tmp_path):
+    import h5py
+
+    from cpnn.workflows.wsi import iter_feature_file, predict_bag_streaming
+
+    model, bags = _tiny_cpnn()
+    big = np.concatenate(bags)
+    path = tmp_path / "slide.h5"
+    with h5py.File(path, "w") as fh:
+        fh["features"] = big
+        fh["coords"] = np.zeros((len(big), 2), np.int64)
+    chunks = list(iter_feature_file(path, chunk=50))
+    assert [len(c) for c in chunks][:-1] == [50] * (len(chunks) - 1) and sum(map(len, chunks)) == len(big)
+    out = predict_bag_streaming(model, iter_feature_file(path, chunk=50))
+    np.testing.assert_allclose(out["bag_expr"], model.predict(big, bags=[0, len(big)])["bag_expr"][0], rtol=1e-5)
+    with h5py.File(tmp_path / "empty.h5", "w") as fh:
+        fh["coords"] = np.zeros((1, 2))
+    with pytest.raises(CPNNInputError, match="features"):
+        list(iter_feature_file(tmp_path / "empty.h5"))
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(CPNNInputError, match="HDF5"):
+        list(iter_feature_file(tmp_path / "junk.h5"))
