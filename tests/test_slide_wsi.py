@@ -137,3 +137,28 @@ def test_real_svs_tiling_extraction_and_errors(data_dir, tmp_path, tiny_model):
     with pytest.raises(CPNNInputError, match="could not be opened"):
         predict_slide(model, wsi / "broken.svs", mpp=0.5, features_dir=tmp_path, progress=False)
     assert main(["extract-tiles", "--slide", str(wsi / "broken.svs"), "--out", str(tmp_path), "--no-progress"]) == 2
+
+
+def test_predict_slide_uses_a_trident_file_as_is(tiny_model, tmp_path):
+    from cpnn.workflows.wsi import predict_slide
+
+    model, _ = tiny_model
+    slide = tissue_png(tmp_path / "blob.png")
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(5, 1280)).astype(np.float32)
+    with h5py.File(feats / "blob.h5", "w") as fh:  # TRIDENT-like: no cpnn attributes
+        fh["features"] = f
+        fh["coords"] = np.arange(10).reshape(5, 2) * 100
+        fh["coords"].attrs["patch_size_level0"] = 448
+        fh["coords"].attrs["level0_mpp"] = 1.0
+    before = (feats / "blob.h5").read_bytes()
+    a = predict_slide(model, slide, mpp=1.0, features_dir=feats, progress=False)
+    assert a.n_obs == 5 and (feats / "blob.h5").read_bytes() == before
+    np.testing.assert_allclose(a.obsm["spatial"], np.arange(10).reshape(5, 2) * 100 + 224.0)
+    np.testing.assert_allclose(a.X, np.log1p(model.predict(f, bags=[0, 5])["spot_expr"] * 1e4), rtol=1e-5)
+    with h5py.File(feats / "blob.h5", "a") as fh:
+        fh["coords"].attrs["patch_size_level0"] = 224  # 224 µm tiles: not the model's 448 µm
+    with pytest.raises(CPNNInputError, match="224 µm tiles"):
+        predict_slide(model, slide, mpp=1.0, features_dir=feats, progress=False)

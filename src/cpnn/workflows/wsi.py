@@ -50,7 +50,9 @@ def slide_features(slide_path: Union[str, os.PathLike], encoder_name: str, *, mp
         Tile side in pixels at ``target_mpp`` µm/px.
     features_dir
         Folder of the CLAM/TRIDENT-style feature file ``{slide stem}.h5`` (default
-        ``./features``); a complete file made with the same settings is reused.
+        ``./features``); a complete cpnn file made with the same settings is reused, and
+        a file from another tool (CLAM, TRIDENT) is used as it is — never overwritten —
+        after checking its encoder name and patch size when it records them.
 
     Returns
     -------
@@ -67,16 +69,45 @@ def slide_features(slide_path: Union[str, os.PathLike], encoder_name: str, *, mp
     slide_id = slide_path.stem
     out_dir = Path(features_dir) if features_dir is not None else Path("features")
     out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{slide_id}.h5"
     with open_slide(slide_path, mpp=mpp) as slide:
-        encoder = create_encoder(encoder_name)
-        ff = extract_tile_features(slide, out_dir / f"{slide_id}.h5", encoder, tile_px=tile_px,
-                                   target_mpp=target_mpp, batch_size=batch_size, num_workers=num_workers,
-                                   tta=tta, progress=progress, min_tissue=min_tissue)
+        side = float(tile_size_level0(slide, tile_px, target_mpp))
+        external = _external_feature_file(path, encoder_name, tile_px * target_mpp)
+        if external is not None:
+            ff = external
+            side = float(ff.attrs.get("patch_size_level0") or side)
+        else:
+            encoder = create_encoder(encoder_name)
+            ff = extract_tile_features(slide, path, encoder, tile_px=tile_px, target_mpp=target_mpp,
+                                       batch_size=batch_size, num_workers=num_workers, tta=tta, progress=progress,
+                                       min_tissue=min_tissue)
         thumb = slide.thumbnail(2000)
         facts = {"slide_id": slide_id, "mpp": float(slide.mpp), "dimensions": tuple(slide.dimensions),
-                 "tile_level0": float(tile_size_level0(slide, tile_px, target_mpp)), "thumbnail": thumb,
-                 "scale": thumb.shape[1] / slide.dimensions[0], "path": str(slide_path)}
+                 "tile_level0": side, "thumbnail": thumb, "scale": thumb.shape[1] / slide.dimensions[0],
+                 "path": str(slide_path), "features_path": str(path), "external_features": external is not None}
     return ff, facts
+
+
+def _external_feature_file(path: Path, encoder_name: str, patch_um: float):
+    """A CLAM/TRIDENT file the user put there (not written by cpnn): use it, never overwrite it.
+
+    Returns None when there is no such file (cpnn then extracts, or reuses its own file).
+    """
+    from ..encoders import read_feature_attrs, read_feature_file
+
+    if not path.is_file():
+        return None
+    attrs = read_feature_attrs(path)
+    if attrs.get("cpnn_version") is not None:
+        return None  # cpnn's own cache: extract_tile_features reuses or refreshes it
+    if attrs.get("encoder") and str(attrs["encoder"]) != encoder_name:
+        raise CPNNInputError(f"tile features were made with '{attrs['encoder']}', the model with '{encoder_name}'",
+                             path=path, field="encoder", fix="move the file away to let cpnn extract its own")
+    if attrs.get("patch_um") and abs(float(attrs["patch_um"]) - patch_um) > 0.01 * patch_um:
+        raise CPNNInputError(f"tile features cover {float(attrs['patch_um']):g} µm tiles, the model "
+                             f"{patch_um:g} µm patches", path=path, field="patch_um",
+                             fix="move the file away to let cpnn extract matching tiles")
+    return read_feature_file(path)
 
 
 def predict_slide(model, slide_path: Union[str, os.PathLike], mpp: Optional[float] = None,
