@@ -162,3 +162,18 @@ def test_predict_slide_uses_a_trident_file_as_is(tiny_model, tmp_path):
         fh["coords"].attrs["patch_size_level0"] = 224  # 224 µm tiles: not the model's 448 µm
     with pytest.raises(CPNNInputError, match="224 µm tiles"):
         predict_slide(model, slide, mpp=1.0, features_dir=feats, progress=False)
+
+
+def test_cpnn_predict_routes_a_whole_slide(tiny_model, tmp_path):
+    """`cpnn predict RUN --slide SLIDE` is the same verb as for spots (issue 6)."""
+    import anndata as ad
+
+    from cpnn.cli import main
+
+    _, model_path = tiny_model
+    slide = tissue_png(tmp_path / "blob.png")
+    out = tmp_path / "pred.h5ad"
+    assert main(["predict", str(model_path), "--slide", str(slide), "--mpp", "1.0", "--out", str(out),
+                 "--no-progress"]) == 0
+    a = ad.read_h5ad(out)
+    assert {"spatial", "cpnn_weights"} <= set(a.obsm) and "bulk_prediction" in a.uns["cpnn"]

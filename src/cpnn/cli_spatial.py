@@ -62,6 +62,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    if args.slide:  # whole slide: every tissue tile, and the slide's bulk profile
+        from .workflows.wsi import predict_slide
+
+        predict_slide(Path(args.run), args.slide, mpp=args.mpp, out=Path(args.out), progress=not args.no_progress,
+                      features_dir=args.features or Path(args.out).parent / "features")
+        return 0
     from .workflows.fit import run_predict
 
     samples = _inputs(args, require_image=args.features is None)
@@ -89,6 +95,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("predict", help="predict spot expression and cell-type weights with a trained run")
     p.add_argument("run", help="run folder written by `cpnn fit` (or a model .cpnn file)")
+    p.add_argument("--slide", default=None,
+                   help="a whole-slide image instead of spots: per-tile maps and the slide's bulk profile")
     add_input_args(p)
     p.add_argument("--out", required=True, help="output .h5ad (one sample) or folder (several)")
     p.add_argument("--no-progress", action="store_true")

@@ -259,6 +259,9 @@ class CPNN:
             from ..prototypes import deconvolve
 
             result = deconvolve(counts, self.prototype_values, seed=self.train_config.seed, **(kwargs or {}))
+            if not np.isfinite(result.proportions).all():
+                raise CPNNInputError("deconvolution gave non-finite proportions", field="composition_targets",
+                                     fix="drop spots with very few counts (e.g. < 50 UMI) or pass targets explicitly")
             self.log_platform_factor = np.log(np.clip(result.platform_factor, 1e-8, None)).astype(np.float32)
             self.log_platform_factor -= self.log_platform_factor.mean()
             return np.asarray(result.proportions, dtype=np.float32)

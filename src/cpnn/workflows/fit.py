@@ -41,6 +41,9 @@ class FitOptions:
     features: FeatureSpec = field(default_factory=FeatureSpec)
     model: Dict[str, Any] = field(default_factory=lambda: dict(SPOT_MODEL_DEFAULTS))
     train: Dict[str, Any] = field(default_factory=lambda: dict(SPOT_TRAIN_DEFAULTS))
+    # --level bulk only: how spots are pooled into pseudo-bulk regions
+    # (keys of cpnn.workflows.pseudobulk.fit_bulk_model, e.g. block_spots, min_spots)
+    pseudobulk: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_sources(cls, cfg: Dict[str, Any], args: Any) -> "FitOptions":
@@ -61,6 +64,7 @@ class FitOptions:
         opts.features = FeatureSpec(**feat)
         opts.model.update(cfg.get("model", {}))
         opts.train.update(cfg.get("train", {}))
+        opts.pseudobulk.update(cfg.get("pseudobulk", {}))
         if getattr(args, "epochs", None):
             opts.train["max_epochs"] = args.epochs
         opts.train["seed"] = opts.seed
