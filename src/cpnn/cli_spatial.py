@@ -26,6 +26,8 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--patch-um", type=float, default=None, help="patch side in microns (default 112)")
     f.add_argument("--features", metavar="DIR", help="precomputed CLAM/TRIDENT/cpnn feature files {sample}.h5")
     f.add_argument("--tta", choices=["none", "flips", "flips8"], default=None, help="test-time augmentation")
+    f.add_argument("--context-rings", type=float, default=None,
+                   help="append the mean feature of neighbours within this many spot pitches (0: none)")
 
 
 def load_yaml(path) -> Dict[str, Any]:

@@ -182,6 +182,15 @@ def load_data(cfg: Dict[str, Any], progress: bool = True) -> BenchmarkData:
 
 
 def _attach(samples, feat: Dict[str, Any], progress: bool) -> None:
+    from ..workflows.context import context_features
+
+    _attach_raw(samples, feat, progress)
+    rings = float(feat.get("context_rings", 0.0) or 0.0)
+    for s in samples:  # every method sees the same (context) features
+        s.features = context_features(s.features, s.adata.obsm["spatial"], rings)
+
+
+def _attach_raw(samples, feat: Dict[str, Any], progress: bool) -> None:
     from ..workflows.spatial import read_features_for
 
     if feat.get("features_dir"):

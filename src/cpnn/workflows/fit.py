@@ -58,7 +58,8 @@ class FitOptions:
         opts.level = args.level or cfg.get("level", opts.level)
         opts.seed = args.seed if args.seed is not None else cfg.get("seed", opts.seed)
         feat = dict(cfg.get("features", {}))
-        for key, flag in (("encoder", "encoder"), ("patch_um", "patch_um"), ("tta", "tta")):
+        for key, flag in (("encoder", "encoder"), ("patch_um", "patch_um"), ("tta", "tta"),
+                          ("context_rings", "context_rings")):
             if getattr(args, flag, None) is not None:
                 feat[key] = getattr(args, flag)
         opts.features = FeatureSpec(**feat)
@@ -179,8 +180,7 @@ def run_predict(run: Path, samples: List[SpatialSample], out: Path, features_dir
 
     model = load_run_model(run)
     enc = model.encoder or {}
-    spec = FeatureSpec(encoder=enc.get("name", "efficientnet-lite0"), patch_um=float(enc.get("patch_um", 112.0)),
-                       out_px=enc.get("out_px"), tta=enc.get("tta", "none"))
+    spec = FeatureSpec.from_encoder_info(enc)
     cache = (run if run.is_dir() else run.parent) / "features"
     attach_features(samples, spec, cache_dir=cache, features_dir=features_dir, progress=progress)
     preds = []

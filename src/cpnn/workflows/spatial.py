@@ -18,16 +18,27 @@ from ..errors import CPNNInputError
 
 @dataclass
 class FeatureSpec:
-    """How patch features are made: encoder, physical patch size, resampled size, TTA."""
+    """How patch features are made: encoder, physical patch size, resampled size, TTA,
+    and spatial context (``context_rings`` spot pitches of neighbours averaged and appended;
+    0 = the spot's own patch only)."""
 
     encoder: str = "efficientnet-lite0"
     patch_um: float = 112.0
     out_px: Optional[int] = 224
     tta: str = "none"
     batch_size: int = 32
+    context_rings: float = 0.0
 
     def as_dict(self) -> Dict[str, Any]:
-        return {"name": self.encoder, "patch_um": self.patch_um, "out_px": self.out_px, "tta": self.tta}
+        return {"name": self.encoder, "patch_um": self.patch_um, "out_px": self.out_px, "tta": self.tta,
+                "context_rings": self.context_rings}
+
+    @classmethod
+    def from_encoder_info(cls, enc: Dict[str, Any]) -> "FeatureSpec":
+        """The spec a trained model's ``encoder`` record describes."""
+        return cls(encoder=enc.get("name", "efficientnet-lite0"), patch_um=float(enc.get("patch_um", 112.0)),
+                   out_px=enc.get("out_px"), tta=enc.get("tta", "none"),
+                   context_rings=float(enc.get("context_rings", 0.0) or 0.0))
 
 
 @dataclass
@@ -109,11 +120,15 @@ def attach_features(
     features_dir: Optional[os.PathLike] = None,
     progress: bool = True,
 ) -> None:
-    """Fill ``sample.features``: read from ``features_dir/{sample}.h5`` or extract (cached)."""
+    """Fill ``sample.features``: read from ``features_dir/{sample}.h5`` or extract (cached),
+    then append the spatial context when ``spec.context_rings > 0``."""
+    from .context import context_features
+
     encoder = None
     for s in samples:
         if features_dir is not None:
             s.features = read_features_for(s, Path(features_dir))
+            s.features = context_features(s.features, s.adata.obsm[SPATIAL], spec.context_rings)
             continue
         if encoder is None:
             from ..encoders import create_encoder
@@ -124,6 +139,7 @@ def attach_features(
         cache = None if cache_dir is None else Path(cache_dir) / f"{s.sample_id}.h5"
         s.features = spot_features(s.adata, encoder, patch_um=spec.patch_um, out_px=spec.out_px,
                                    cache_path=cache, tta=spec.tta, batch_size=spec.batch_size, progress=progress)
+        s.features = context_features(s.features, s.adata.obsm[SPATIAL], spec.context_rings)
 
 
 def read_features_for(sample: SpatialSample, features_dir: Path) -> np.ndarray:

@@ -157,8 +157,16 @@ def predict_slide(model, slide_path: Union[str, os.PathLike], mpp: Optional[floa
                                batch_size=batch_size, num_workers=num_workers, tta=enc.get("tta", "none"),
                                progress=progress)
     n = len(ff.features)
-    pred = model.predict(ff.features, bags=[0, n], chunk_patches=chunk_patches)
     side = facts["tile_level0"]
+    feats = ff.features
+    rings = float(enc.get("context_rings", 0.0) or 0.0)
+    if rings > 0 and n > 1:  # the same neighbourhood context the model was trained with
+        from .context import context_features
+
+        feats = context_features(feats, np.asarray(ff.coords, dtype=np.float64) + side / 2.0, rings)
+    elif rings > 0:
+        feats = np.concatenate([feats, feats], axis=1)
+    pred = model.predict(feats, bags=[0, n], chunk_patches=chunk_patches)
     coords = np.asarray(ff.coords, dtype=np.float64)
     obs = pd.DataFrame({"x0": ff.coords[:, 0].astype(np.int64), "y0": ff.coords[:, 1].astype(np.int64)},
                        index=pd.Index([f"tile{i}" for i in range(n)], name="tile"))
