@@ -160,7 +160,9 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
     elif mode not in (None, "none"):
         raise CPNNInputError(f"unknown composition_targets {mode!r}", field="methods[].composition_targets",
                              fix="use deconvolve or none")
-    val = np.flatnonzero(train.val) if train.val.any() else None
+    # one model: the split's validation part; an ensemble: each member validates on
+    # another training group (all of them training data, never the test fold)
+    val = np.flatnonzero(train.val) if train.val.any() and tcfg.n_models == 1 else None
     model.fit(train.features, train.counts, composition_targets=targets, groups=train.groups, val_bags=val)
     out = model.predict(test.features)
     tr = model.train_result

@@ -37,7 +37,7 @@ def demo_settings(quick: bool = False) -> Dict[str, Any]:
         "encoder": dict(name="efficientnet-lite0", patch_um=100.0, out_px=112, tta="none"),
         "test_fraction_patients": 1 / 3,
         "spot_model": dict(hidden=[256], dropout=0.1, loss="nb", composition_weight=1e2, template_weight=1e3),
-        "spot_train": dict(max_epochs=150, batch_size=32, lr=1e-3, weight_decay=1e-2, patience=25),
+        "spot_train": dict(max_epochs=100, batch_size=64, lr=1e-3, weight_decay=1e-2, patience=15),
         "slide_model": dict(hidden=[256], dropout=0.1, loss="nb", composition_weight=1e2, template_weight=1e3),
         "slide_train": dict(max_epochs=150, batch_size=4, lr=1e-3, weight_decay=1e-2, patience=30),
     }
