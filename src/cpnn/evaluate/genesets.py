@@ -141,12 +141,7 @@ def _kmeanspp(P: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def read_gene_list(path) -> List[str]:
-    """Gene symbols, one per line (blank lines and ``#`` comments ignored)."""
-    try:
-        with open(path) as fh:
-            genes = [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
-    except FileNotFoundError as exc:
-        raise CPNNInputError("gene list file not found", path=path, field="gene_sets[].path") from exc
-    if not genes:
-        raise CPNNInputError("gene list file is empty", path=path, field="gene_sets[].path")
-    return genes
+    """Gene symbols, one per line (see :func:`cpnn.workflows.fit.read_gene_list`)."""
+    from ..workflows.fit import read_gene_list as _read
+
+    return _read(path, field="gene_sets[].path")

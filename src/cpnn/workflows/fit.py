@@ -90,15 +90,15 @@ class FitOptions:
         return d
 
 
-def read_gene_list(path) -> List[str]:
+def read_gene_list(path, field: str = "--genes") -> List[str]:
     """Gene symbols, one per line (blank lines and ``#`` comments ignored)."""
     try:
         with open(path) as fh:
             genes = [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
     except FileNotFoundError as exc:
-        raise CPNNInputError("gene panel file not found", path=path, field="--genes") from exc
+        raise CPNNInputError("gene list file not found", path=path, field=field) from exc
     if not genes:
-        raise CPNNInputError("gene panel file is empty", path=path, field="--genes")
+        raise CPNNInputError("gene list file is empty", path=path, field=field)
     return genes
 
 
