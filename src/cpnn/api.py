@@ -166,6 +166,8 @@ def fit_spatial(
 
     samples = _as_samples(adatas, features)
     enc = {"name": encoder} if isinstance(encoder, str) else (dict(encoder) if encoder else None)
+    for s in samples:  # the encoder record's spatial context, if any, is part of the model's input
+        s.features = _with_context(s.features, s.adata, enc)
     return fit_spot_model(samples, prototypes, config, train_config, encoder=enc,
                           composition_targets=composition_targets)
 
@@ -182,7 +184,9 @@ def predict_spatial(model, adata: AnnDataLike, features: np.ndarray, *, sample_i
         The section (``obsm['spatial']``; counts optional — when all model genes are
         measured they are kept in ``layers['counts']`` for comparison).
     features
-        ``(n_spots, D)`` features made as for training.
+        ``(n_spots, D)`` patch features made with the model's encoder; when the model was
+        trained with spatial context (``model.encoder['context_rings']``), the
+        neighbourhood mean is appended here exactly as in training.
     sample_id
         Library id in ``uns['spatial']`` (default: the section's sample id).
     image_max_px
@@ -205,4 +209,14 @@ def predict_spatial(model, adata: AnnDataLike, features: np.ndarray, *, sample_i
 
     sid = sample_id or _sample_id(adata, "sample1")
     sample = _as_samples({sid: adata}, {sid: features})[0]
+    if model.module is not None and sample.features.shape[1] != model.module.in_dim:
+        sample.features = _with_context(sample.features, adata, model.encoder)
     return prediction_anndata(model, sample, image_max_px=image_max_px)
+
+
+def _with_context(features: np.ndarray, adata, encoder: Optional[Dict[str, Any]]) -> np.ndarray:
+    """Patch features plus the neighbourhood mean when ``encoder['context_rings'] > 0``."""
+    from .workflows.context import context_features
+
+    rings = float((encoder or {}).get("context_rings", 0.0) or 0.0)
+    return context_features(features, adata.obsm["spatial"], rings)

@@ -1,0 +1,102 @@
+"""HER2ST cell-type maps of the `celltype_major` model vs stereoscope, leave-one-section-out.
+
+For each held-out section C2..C6: train CPNN (package spot defaults) on the other four,
+predict the held-out spots, and compare each type's weight with stereoscope's `major`
+proportion (Pearson across spots, then the mean over types). Writes one figure per
+section (stereoscope top, CPNN bottom) and prints the table quoted in BENCHMARKS.md.
+
+    python benchmarks/her2st_maps.py --data-dir ../shared/data --out runs/her2st_maps \
+        [--tta flips8] [--feature-cache DIR]
+
+Weights of Cancer + Normal Epithelial are summed into stereoscope's Epithelial and
+Plasmablasts map to Plasma Cells. The five sections are one patient (C): this measures
+new sections, not new patients.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cpnn.data import read_her2st_proportions
+from cpnn.evaluate import composition_agreement
+from cpnn.evaluate.benchmark import HER2ST_MAJOR_MAPPING
+from cpnn.plot.spatial import composition_panel
+from cpnn.utils import find_data_dir, write_json
+from cpnn.workflows.fit import SPOT_MODEL_DEFAULTS, SPOT_TRAIN_DEFAULTS, read_gene_list
+from cpnn.workflows.spatial import FeatureSpec, attach_features, fit_spot_model, load_inputs
+
+SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
+
+
+def merged_weights(weights: np.ndarray, cell_types, mapping):
+    """Sum model types that map to the same reference name; returns (matrix, names)."""
+    names = [mapping.get(c, c) for c in cell_types]
+    uniq = sorted(set(names))
+    return np.stack([weights[:, [i for i, n in enumerate(names) if n == u]].sum(1) for u in uniq], 1), uniq
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default="runs/her2st_maps")
+    ap.add_argument("--tta", default="flips8", choices=["none", "flips", "flips8"])
+    ap.add_argument("--feature-cache", default=None, help="folder of {section}.h5 feature files (made if absent)")
+    ap.add_argument("--prototypes", default="regression", choices=["naive", "regression"])
+    args = ap.parse_args()
+    import torch
+
+    from cpnn.config import CPNNConfig, TrainConfig
+    from cpnn.prototypes import build_prototypes, read_reference
+
+    t0 = time.perf_counter()
+    data = find_data_dir(args.data_dir)
+    if data is None:
+        raise SystemExit("data folder not found: pass --data-dir or set CPNN_DATA_DIR")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = {s.sample_id: s for s in load_inputs(her2st=str(data / "her2st"), sections=SECTIONS)}
+    spec = FeatureSpec(tta=args.tta, context_rings=1.0)
+    attach_features(list(samples.values()), spec, cache_dir=args.feature_cache or out / "features", progress=False)
+    panel = read_gene_list(data / "her2st" / "her2st_785_genes.txt")
+    genes = [g for g in panel if all(g in set(s.adata.var_names) for s in samples.values())]
+    ref = read_reference(data / "reference" / "wu2021_CID4465.h5ad", "celltype_major")
+    protos = build_prototypes(ref, "celltype_major", method=args.prototypes, genes=genes, seed=0)
+    rows, per_type = [], {}
+    for test in SECTIONS:
+        torch.manual_seed(0)
+        train = [samples[s] for s in SECTIONS if s != test]
+        model = fit_spot_model(train, protos, CPNNConfig(**SPOT_MODEL_DEFAULTS),
+                               TrainConfig(**{**SPOT_TRAIN_DEFAULTS, "progress": False}), encoder=spec.as_dict())
+        pred = model.predict(samples[test].features)
+        obs = list(samples[test].adata.obs_names)
+        props = read_her2st_proportions(data / "her2st", test, level="major", obs_names=obs)
+        w, names = merged_weights(pred["weights"], model.cell_types, HER2ST_MAJOR_MAPPING)
+        agree = composition_agreement(w, props.values, names, list(props.columns))
+        rows.append({"section": test, "mean_r": agree["mean"], **{k: round(v, 3) for k, v in agree["per_type"].items()}})
+        for k, v in agree["per_type"].items():
+            per_type.setdefault(k, []).append(v)
+        common = [n for n in names if n in props.columns]
+        xy = np.asarray(samples[test].adata.obsm["spatial"])
+        diameter = 100.0 / float(samples[test].adata.uns["cpnn_input"]["mpp"])
+        composition_panel(out / f"maps_{test}.png", xy, props[common].values, w[:, [names.index(n) for n in common]],
+                          common, diameter, title=f"HER2ST {test} (held out): stereoscope (top) vs CPNN weights "
+                          f"(bottom); mean per-type r = {agree['mean']:.2f}", true_label="stereoscope")
+        print(f"{test}: mean per-type r {agree['mean']:.3f}  " +
+              " ".join(f"{k} {v:.2f}" for k, v in agree["per_type"].items()), flush=True)
+    mean = float(np.mean([r["mean_r"] for r in rows]))
+    summary = {"mean_over_sections": mean, "per_section": rows,
+               "per_type_mean": {k: float(np.nanmean(v)) for k, v in per_type.items()},
+               "settings": {"tta": args.tta, "context_rings": 1.0, "prototypes": args.prototypes,
+                            "model": SPOT_MODEL_DEFAULTS, "train": SPOT_TRAIN_DEFAULTS},
+               "seconds": round(time.perf_counter() - t0, 1)}
+    write_json(out / "maps_summary.json", summary)
+    print(json.dumps({"mean_over_sections": round(mean, 3), "per_type_mean":
+                      {k: round(v, 3) for k, v in summary["per_type_mean"].items()}, "seconds": summary["seconds"]}))
+
+
+if __name__ == "__main__":
+    main()
