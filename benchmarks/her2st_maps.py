@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--tta", default="flips8", choices=["none", "flips", "flips8"])
     ap.add_argument("--feature-cache", default=None, help="folder of {section}.h5 feature files (made if absent)")
     ap.add_argument("--prototypes", default="regression", choices=["naive", "regression"])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a model/train default, e.g. --set composition_weight=1e4 --set max_epochs=150")
     args = ap.parse_args()
     import torch
 
@@ -65,12 +67,18 @@ def main() -> None:
     genes = [g for g in panel if all(g in set(s.adata.var_names) for s in samples.values())]
     ref = read_reference(data / "reference" / "wu2021_CID4465.h5ad", "celltype_major")
     protos = build_prototypes(ref, "celltype_major", method=args.prototypes, genes=genes, seed=0)
+    model_cfg, train_cfg = dict(SPOT_MODEL_DEFAULTS), {**SPOT_TRAIN_DEFAULTS, "progress": False}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        target = model_cfg if key in model_cfg or key in CPNNConfig.__dataclass_fields__ else train_cfg
+        target[key] = json.loads(value) if value[:1] in "[{" else type(target.get(key, 0.0))(float(value)) \
+            if key in target and isinstance(target.get(key), (int, float)) else value
     rows, per_type = [], {}
     for test in SECTIONS:
         torch.manual_seed(0)
         train = [samples[s] for s in SECTIONS if s != test]
-        model = fit_spot_model(train, protos, CPNNConfig(**SPOT_MODEL_DEFAULTS),
-                               TrainConfig(**{**SPOT_TRAIN_DEFAULTS, "progress": False}), encoder=spec.as_dict())
+        model = fit_spot_model(train, protos, CPNNConfig(**model_cfg), TrainConfig(**train_cfg),
+                               encoder=spec.as_dict())
         pred = model.predict(samples[test].features)
         obs = list(samples[test].adata.obs_names)
         props = read_her2st_proportions(data / "her2st", test, level="major", obs_names=obs)
@@ -84,14 +92,15 @@ def main() -> None:
         diameter = 100.0 / float(samples[test].adata.uns["cpnn_input"]["mpp"])
         composition_panel(out / f"maps_{test}.png", xy, props[common].values, w[:, [names.index(n) for n in common]],
                           common, diameter, title=f"HER2ST {test} (held out): stereoscope (top) vs CPNN weights "
-                          f"(bottom); mean per-type r = {agree['mean']:.2f}", true_label="stereoscope")
+                          f"(bottom, own colour scale); mean per-type r = {agree['mean']:.2f}", true_label="stereoscope",
+                          shared_scale=False)
         print(f"{test}: mean per-type r {agree['mean']:.3f}  " +
               " ".join(f"{k} {v:.2f}" for k, v in agree["per_type"].items()), flush=True)
     mean = float(np.mean([r["mean_r"] for r in rows]))
     summary = {"mean_over_sections": mean, "per_section": rows,
                "per_type_mean": {k: float(np.nanmean(v)) for k, v in per_type.items()},
                "settings": {"tta": args.tta, "context_rings": 1.0, "prototypes": args.prototypes,
-                            "model": SPOT_MODEL_DEFAULTS, "train": SPOT_TRAIN_DEFAULTS},
+                            "model": model_cfg, "train": train_cfg},
                "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "maps_summary.json", summary)
     print(json.dumps({"mean_over_sections": round(mean, 3), "per_type_mean":

@@ -73,8 +73,13 @@ def add_scale_bar(ax, um: float, mpp: float, image_scale: float = 1.0, color: st
 
 def composition_panel(path, xy, true: Optional[np.ndarray], pred: np.ndarray, cell_types: Sequence[str],
                       diameter_px: float, image=None, image_scale: float = 1.0, mpp: Optional[float] = None,
-                      title: str = "", true_label: str = "true", pred_label: str = "CPNN weight") -> None:
-    """One column per cell type: reference (top, if given) and inferred (bottom) maps."""
+                      title: str = "", true_label: str = "true", pred_label: str = "CPNN weight",
+                      shared_scale: bool = True) -> None:
+    """One column per cell type: reference (top, if given) and inferred (bottom) maps.
+
+    ``shared_scale`` puts both rows of a type on one colour scale (right when both are
+    fractions of the same thing); False scales each map to its own range, which shows
+    whether the *pattern* agrees when the two differ in level (e.g. vs stereoscope)."""
     use_agg()
     import matplotlib.pyplot as plt
 
@@ -85,9 +90,10 @@ def composition_panel(path, xy, true: Optional[np.ndarray], pred: np.ndarray, ce
         vmax = float(max(np.nanmax(pred[:, j]), np.nanmax(true[:, j]) if true is not None else 0))
         if true is not None:
             spot_map(axes[0, j], xy, true[:, j], diameter_px, image=image, image_scale=image_scale,
-                     vmin=0, vmax=vmax, title=f"{name}\n{true_label}", cmap="magma")
+                     vmin=0, vmax=vmax if shared_scale else None, title=f"{name}\n{true_label}", cmap="magma")
         spot_map(axes[rows - 1, j], xy, pred[:, j], diameter_px, image=image, image_scale=image_scale,
-                 vmin=0, vmax=vmax, title=f"{name}\n{pred_label}", cmap="magma")
+                 vmin=0 if shared_scale else None, vmax=vmax if shared_scale else None,
+                 title=f"{name}\n{pred_label}", cmap="magma")
         if mpp is not None and j == 0:
             add_scale_bar(axes[rows - 1, 0], 100.0 if diameter_px * mpp < 500 else 1000.0, mpp, image_scale)
     if title:
