@@ -207,3 +207,33 @@ def test_scanpy_renders_a_prediction_file(cohort_run, tmp_path):
     plt.savefig(tmp_path / "scanpy.png", dpi=50)
     plt.close("all")
     assert (tmp_path / "scanpy.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_cpnn_fit_under_torchrun_matches_one_process(cohort_run, tmp_path):
+    """`torchrun --nproc_per_node 2 -m cpnn.cli fit ...` trains data-parallel (gloo) and
+    gives the model one process gives, within float tolerance."""
+    import os
+    import subprocess
+    import sys
+
+    root = cohort_run["root"]
+    h5 = [str(root / "cohort" / f"{s}.h5ad") for s in ("S01", "S02", "S03")]
+    # no dropout: its random masks are drawn per process, so they cannot match one process
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model: {dropout: 0.0}\ntrain: {n_models: 2}\n")
+    args = ["fit", "--h5ad", *h5, "--features", str(root / "feats"), "--reference", str(root / "prototypes.h5ad"),
+            "--epochs", "3", "--config", str(cfg), "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cpnn.cli", *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = cpnn.CPNN.load(tmp_path / "one" / "model.cpnn")
+    two = cpnn.CPNN.load(tmp_path / "two" / "model.cpnn")
+    f = cohort_run["feats"]["S04"]
+    a = predict_spatial(one, cohort_run["sections"]["S04"], f)
+    b = predict_spatial(two, cohort_run["sections"]["S04"], f)
+    np.testing.assert_allclose(b.X, a.X, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(b.obsm["cpnn_weights"], a.obsm["cpnn_weights"], rtol=1e-3, atol=1e-4)

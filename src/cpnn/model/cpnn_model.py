@@ -232,8 +232,7 @@ class CPNN:
 
         import dataclasses
 
-        from ..train.loop import train_cpnn
-
+        train_cpnn = _trainer()
         self.modules, self.train_results = [], []
         members = []
         for member in range(self.train_config.n_models):
@@ -244,7 +243,7 @@ class CPNN:
             tc = dataclasses.replace(self.train_config, seed=seed)
             val = data.subset(val_idx) if len(val_idx) else None
             self.train_results.append(train_cpnn(module, data.subset(train_idx), val, self.config, tc))
-            self.modules.append(module)
+            self.modules.append(module.to(self.train_config.device))
         self.split = dict(members[0])
         if len(members) > 1:
             self.split["members"] = members
@@ -450,6 +449,22 @@ class CPNN:
         model.train_results = [TrainResult(history=payload.get("history", []) if i == 0 else [], best_epoch=b)
                                for i, b in enumerate(bests)]
         return model
+
+
+def _trainer():
+    """``train_cpnn``, or its DistributedDataParallel twin when ``torchrun`` started
+    several processes (``WORLD_SIZE > 1``): the same call then trains data-parallel, every
+    process ending with the same weights (see docs/DISTRIBUTED.md)."""
+    from ..train.distributed import dist_env
+
+    if dist_env()[1] > 1:
+        from ..train.distributed import init_distributed, train_cpnn_distributed
+
+        _, _, device = init_distributed()
+        return lambda *args: train_cpnn_distributed(*args, device=device)
+    from ..train.loop import train_cpnn
+
+    return train_cpnn
 
 
 def check_encoder(saved: Dict[str, Any], given: Union[None, str, Dict[str, Any]], path=None) -> None:

@@ -132,16 +132,24 @@ def _is_prototypes_h5ad(path: Path) -> bool:
 
 def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_dir=None,
             progress: bool = True):
-    """Train on ``samples`` and write the run folder ``out``; returns the model."""
+    """Train on ``samples`` and write the run folder ``out``; returns the model.
+
+    Under ``torchrun`` with several processes, training is data-parallel and only rank 0
+    writes the run folder (every process extracts or reads the same features)."""
+    from ..train.distributed import dist_env
+
+    main_process = dist_env()[0] == 0
     t0 = time.perf_counter()
     seed_everything(opts.seed)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {"cpnn_version": __version__, "options": opts.as_dict(),
-                                     "samples": [s.sample_id for s in samples]})
+    if main_process:
+        write_json(out / "config.json", {"cpnn_version": __version__, "options": opts.as_dict(),
+                                         "samples": [s.sample_id for s in samples]})
     panel = read_gene_list(opts.genes_file) if opts.genes_file else None
     genes = target_genes(samples, panel=panel, n_top=None if panel else opts.n_top_genes)
     protos = load_or_build_prototypes(opts, genes)
-    protos.save(out / "prototypes.h5ad")
+    if main_process:
+        protos.save(out / "prototypes.h5ad")
     t_protos = time.perf_counter() - t0
     attach_features(samples, opts.features, cache_dir=out / "features", features_dir=features_dir,
                     progress=progress)
@@ -153,6 +161,8 @@ def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_
         from .pseudobulk import fit_bulk_model
 
         model = fit_bulk_model(samples, protos, opts, progress=progress)
+    if not main_process:
+        return model
     model.save(out / "model.cpnn")
     hist = model.train_result.history
     best = hist[model.train_result.best_epoch] if hist and model.train_result.best_epoch >= 0 else {}
