@@ -7,7 +7,7 @@ resolved configuration is written beside every run.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 LOSSES = ("nb", "poisson", "mse_log1p", "pearson")

@@ -10,8 +10,6 @@ log1p CP10k of the bag's counts (the scale every method is scored on).
 """
 from __future__ import annotations
 
-import copy
-import math
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -19,6 +17,7 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..errors import CPNNInputError
+from ..train.early_stopping import EarlyStopping
 from .scaling import FeatureScaler
 
 BASELINE_NAMES = ("meanpool_mlp", "abmil", "he2rna", "sum_of_tiles")
@@ -179,8 +178,7 @@ class SlideBaseline:
         feats = torch.from_numpy(train.features)
         ytr = torch.from_numpy(train.counts)
         criterion = tc.early_stopping if val is not None else "none"
-        maximise = criterion == "val_pcc"
-        best, best_state, since = (-math.inf if maximise else math.inf), None, 0
+        stopper = EarlyStopping(criterion, tc.patience)
         self.history = []
         t0 = time.perf_counter()
         for epoch in range(tc.max_epochs):
@@ -207,20 +205,9 @@ class SlideBaseline:
                 rec["val_loss"] = float(np.mean((pv - val.counts) ** 2))
                 rec["val_pcc"] = mean_gene_pearson(pv, val.counts)
             self.history.append(rec)
-            if criterion != "none":
-                score = rec[criterion]
-                better = score > best if maximise else score < best
-                if better or best_state is None:
-                    best, best_state, since = score, copy.deepcopy(module.state_dict()), 0
-                    self.best_epoch = epoch
-                else:
-                    since += 1
-                if since >= tc.patience:
-                    break
-        if best_state is not None:
-            module.load_state_dict(best_state)
-        else:
-            self.best_epoch = len(self.history) - 1
+            if stopper.step(epoch, rec, module):
+                break
+        self.best_epoch = stopper.best_epoch if stopper.restore(module) else len(self.history) - 1
         self.seconds = time.perf_counter() - t0
         module.eval()
         return self

@@ -30,9 +30,7 @@ so the processes of one node share one copy in the page cache.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
 import sys
 import time
@@ -48,6 +46,7 @@ from ..config import CPNNConfig, TrainConfig, config_from_dict, config_to_dict
 from ..errors import CPNNInputError
 from ..module.network import CPNNModule
 from .bags import BagData
+from .early_stopping import EarlyStopping
 from .loop import TrainResult, _bag_loss, _mean_gene_pearson, predict_bags
 
 JOB_FORMAT = "cpnn-training-job"
@@ -220,11 +219,8 @@ def train_cpnn_distributed(
     targets = None if train.targets is None else torch.from_numpy(train.targets)
 
     criterion = tc.early_stopping if val is not None else "none"
-    maximise = criterion == "val_pcc"
-    best = -math.inf if maximise else math.inf
-    best_state = None
+    stopper = EarlyStopping(criterion, tc.patience)
     result = TrainResult(criterion=criterion)
-    since_best = 0
     t0 = time.perf_counter()
     for epoch in range(tc.max_epochs):
         wrapped.train()
@@ -269,19 +265,10 @@ def train_cpnn_distributed(
             record.update(_val_metrics(module, val, config, device, rank, world))
         result.history.append(record)
         result.epochs_run = epoch + 1
-        if criterion != "none":
-            score = record[criterion]
-            improved = score > best if maximise else score < best
-            if improved or best_state is None:
-                best, best_state = score, copy.deepcopy(module.state_dict())
-                result.best_epoch, result.best_score = epoch, float(score)
-                since_best = 0
-            else:
-                since_best += 1
-            if since_best >= tc.patience:
-                break
-    if best_state is not None:
-        module.load_state_dict(best_state)
+        if stopper.step(epoch, record, module):
+            break
+    if stopper.restore(module):
+        result.best_epoch, result.best_score = stopper.best_epoch, stopper.best_score
     else:
         result.best_epoch = result.epochs_run - 1
     result.seconds = time.perf_counter() - t0

@@ -8,8 +8,6 @@
 """
 from __future__ import annotations
 
-import copy
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -21,6 +19,7 @@ from ..config import CPNNConfig, TrainConfig
 from ..module import losses
 from ..module.network import CPNNModule
 from .bags import BagData
+from .early_stopping import EarlyStopping
 
 
 @dataclass
@@ -171,11 +170,8 @@ def train_cpnn(
     targets = None if train.targets is None else torch.from_numpy(train.targets)
 
     criterion = tc.early_stopping if val is not None else "none"
-    maximise = criterion == "val_pcc"
-    best = -math.inf if maximise else math.inf
-    best_state = None
+    stopper = EarlyStopping(criterion, tc.patience)
     result = TrainResult(criterion=criterion)
-    since_best = 0
     t0 = time.perf_counter()
     bar = None
     if tc.progress:
@@ -218,26 +214,18 @@ def train_cpnn(
                 record.update(_evaluate(module, val, config, device))
             result.history.append(record)
             result.epochs_run = epoch + 1
-            if criterion != "none":
-                score = record[criterion]
-                improved = score > best if maximise else score < best
-                if improved or best_state is None:
-                    best, best_state = score, copy.deepcopy(module.state_dict())
-                    result.best_epoch, result.best_score = epoch, float(score)
-                    since_best = 0
-                else:
-                    since_best += 1
+            stop = stopper.step(epoch, record, module)
             if bar is not None:
                 bar.update(1)
                 shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("train_loss", "val_loss", "val_pcc")}
                 bar.set_postfix(shown)
-            if criterion != "none" and since_best >= tc.patience:
+            if stop:
                 break
     finally:
         if bar is not None:
             bar.close()
-    if best_state is not None:
-        module.load_state_dict(best_state)
+    if stopper.restore(module):
+        result.best_epoch, result.best_score = stopper.best_epoch, stopper.best_score
     else:
         result.best_epoch = result.epochs_run - 1
     result.seconds = time.perf_counter() - t0

@@ -6,7 +6,6 @@ the same features -> evaluation on held-out patients -> report, figures, metrics
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 
 from .. import __version__
 from .._constants import SPATIAL, TRUE_PROPORTIONS
-from ..config import CPNNConfig, TrainConfig, config_to_dict
+from ..config import CPNNConfig, TrainConfig
 from ..utils import seed_everything, write_json
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 
 from .. import __version__
 from ..config import CPNNConfig, TrainConfig, config_from_dict, config_to_dict
