@@ -303,17 +303,12 @@ def extract_spot_features(slide: Any, centers_xy: Any, ids: Optional[Sequence[An
         "slide": _slide_label(slide),
         "encoder_config": encoder.config,
     }
-    expected = {k: attrs[k] for k in ("encoder", "patch_size_px", "patch_um", "tta")}
-    if out_path.exists() and not overwrite and _settings_match(out_path, expected, ids, coords):
-        return read_feature_file(out_path)
-
     def decode(sl: slice) -> np.ndarray:
         return next(iter(spot_patches(slide, centers[sl], patch_um=patch_um, out_px=out_px,
                                       batch_size=sl.stop - sl.start)))
 
-    _warm_up(slide, num_workers)
-    batches = _ordered_map(decode, _chunks(n, batch_size), num_workers)
-    return _extract_to_file(out_path, batches, n, coords, ids, encoder, attrs, tta, progress)
+    return _extract_or_reuse(out_path, overwrite, slide, decode, n, coords, ids, encoder, attrs, tta,
+                             batch_size, num_workers, progress)
 
 
 def extract_tile_features(slide: Any, out_path: os.PathLike | str, encoder: Encoder,
@@ -375,14 +370,22 @@ def extract_tile_features(slide: Any, out_path: os.PathLike | str, encoder: Enco
         "slide": _slide_label(slide),
         "encoder_config": encoder.config,
     }
-    expected = {k: attrs[k] for k in ("encoder", "patch_size_px", "patch_um", "tta")}
-    if out_path.exists() and not overwrite and _settings_match(out_path, expected, None, coords):
-        return read_feature_file(out_path)
-
     def decode(sl: slice) -> np.ndarray:
         return next(iter(iter_tiles(slide, coords[sl], tile_px=tile_px, target_mpp=target_mpp,
                                     batch_size=sl.stop - sl.start)))
 
+    return _extract_or_reuse(out_path, overwrite, slide, decode, n, coords, None, encoder, attrs, tta,
+                             batch_size, num_workers, progress)
+
+
+def _extract_or_reuse(out_path: Path, overwrite: bool, slide: Any, decode: Callable[[slice], np.ndarray], n: int,
+                      coords: np.ndarray, ids: Optional[Sequence[str]], encoder: Encoder, attrs: Dict[str, Any],
+                      tta: str, batch_size: int, num_workers: int, progress: bool) -> FeatureFile:
+    """Read ``out_path`` back when it is complete with these settings; else decode, encode
+    and write it (decoding of the next batches overlapped with the encoder)."""
+    expected = {k: attrs[k] for k in ("encoder", "patch_size_px", "patch_um", "tta")}
+    if out_path.exists() and not overwrite and _settings_match(out_path, expected, ids, coords):
+        return read_feature_file(out_path)
     _warm_up(slide, num_workers)
     batches = _ordered_map(decode, _chunks(n, batch_size), num_workers)
-    return _extract_to_file(out_path, batches, n, coords, None, encoder, attrs, tta, progress)
+    return _extract_to_file(out_path, batches, n, coords, ids, encoder, attrs, tta, progress)

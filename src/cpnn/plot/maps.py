@@ -285,6 +285,13 @@ def _draw(ax, view: PredictionView, values: np.ndarray, *, cmap, vmin, vmax, ras
         m.set_array(np.asarray(values, dtype=float))
         m.set_clim(vmin, vmax)
         ax.add_collection(m)
+    _frame(ax, view)
+    return m
+
+
+def _frame(ax, view) -> None:
+    """Crop the axes to the observations (plus one spot/tile), image orientation, no ticks."""
+    s = view.image_scale
     pad = view.size_px * s
     lo, hi = view.xy.min(axis=0) * s - pad, view.xy.max(axis=0) * s + pad
     ax.set_xlim(lo[0], hi[0])
@@ -292,7 +299,6 @@ def _draw(ax, view: PredictionView, values: np.ndarray, *, cmap, vmin, vmax, ras
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
-    return m
 
 
 def _scale_bar(ax, view: PredictionView) -> None:
@@ -382,14 +388,7 @@ def plot_dominant(view: PredictionView, path: Path, dpi: int = 110) -> Path:
             ax.imshow(view.image, alpha=0.45)
         ax.imshow(raster.grid(dom.astype(float)), cmap=cmap, norm=norm, extent=raster.extent(view.image_scale),
                   interpolation="nearest", alpha=0.9)
-        s = view.image_scale
-        pad = view.size_px * s
-        lo, hi = view.xy.min(axis=0) * s - pad, view.xy.max(axis=0) * s + pad
-        ax.set_xlim(lo[0], hi[0])
-        ax.set_ylim(hi[1], lo[1])
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _frame(ax, view)
     else:
         _draw(ax, view, dom.astype(float), cmap=cmap, vmin=-0.5, vmax=k - 0.5, raster=None)
     _scale_bar(ax, view)

@@ -47,7 +47,7 @@ from ..errors import CPNNInputError
 from ..module.network import CPNNModule
 from .bags import BagData
 from .early_stopping import EarlyStopping
-from .loop import TrainResult, _bag_loss, _mean_gene_pearson, predict_bags
+from .loop import TrainResult, _bag_loss, predict_bags, validation_metrics
 
 JOB_FORMAT = "cpnn-training-job"
 
@@ -147,14 +147,7 @@ def _val_metrics(module: CPNNModule, val: BagData, config: CPNNConfig, device: s
                  world: int) -> Dict[str, float]:
     # the same numbers as cpnn.train.loop._evaluate, from gathered predictions
     bag_expr, bag_w = _gather_val_predictions(module, val, device, rank, world)
-    out = {"bag_expr": torch.from_numpy(bag_expr).to(device), "bag_weights": torch.from_numpy(bag_w).to(device)}
-    targets = None if val.targets is None else torch.from_numpy(val.targets).to(device)
-    with torch.no_grad():
-        parts = _bag_loss(module, out, torch.from_numpy(val.counts).to(device), targets, config)
-    metrics = {f"val_{k}": float(v) for k, v in parts.items()}
-    metrics["val_pcc"] = _mean_gene_pearson(bag_expr, val.counts)
-    metrics["val_loss"] = metrics.pop("val_total")
-    return metrics
+    return validation_metrics(module, bag_expr, bag_w, val, config, device)
 
 
 def train_cpnn_distributed(

@@ -118,17 +118,22 @@ def _mean_gene_pearson(pred_comp: np.ndarray, counts: np.ndarray) -> float:
     return float(((x * y).sum(0)[ok] / den[ok]).mean())
 
 
-def _evaluate(module, data: BagData, config: CPNNConfig, device: str) -> Dict[str, float]:
-    pred = predict_bags(module, data, device=device, return_patch_outputs=False)
-    counts = torch.from_numpy(data.counts)
-    out = {"bag_expr": torch.from_numpy(pred["bag_expr"]), "bag_weights": torch.from_numpy(pred["bag_weights"])}
-    targets = None if data.targets is None else torch.from_numpy(data.targets)
+def validation_metrics(module, bag_expr: np.ndarray, bag_weights: np.ndarray, data: BagData,
+                       config: CPNNConfig, device: str = "cpu") -> Dict[str, float]:
+    """Validation losses and mean per-gene Pearson from predicted bag outputs."""
+    out = {"bag_expr": torch.from_numpy(bag_expr).to(device), "bag_weights": torch.from_numpy(bag_weights).to(device)}
+    targets = None if data.targets is None else torch.from_numpy(data.targets).to(device)
     with torch.no_grad():
-        parts = _bag_loss(module, out, counts, targets, config)
+        parts = _bag_loss(module, out, torch.from_numpy(data.counts).to(device), targets, config)
     metrics = {f"val_{k}": float(v) for k, v in parts.items()}
-    metrics["val_pcc"] = _mean_gene_pearson(pred["bag_expr"], data.counts)
+    metrics["val_pcc"] = _mean_gene_pearson(bag_expr, data.counts)
     metrics["val_loss"] = metrics.pop("val_total")
     return metrics
+
+
+def _evaluate(module, data: BagData, config: CPNNConfig, device: str) -> Dict[str, float]:
+    pred = predict_bags(module, data, device=device, return_patch_outputs=False)
+    return validation_metrics(module, pred["bag_expr"], pred["bag_weights"], data, config, device)
 
 
 def train_cpnn(
