@@ -18,6 +18,8 @@ def _python_blocks(path: Path):
 def test_usage_doc_exists_and_has_examples():
     assert ROOT.joinpath("docs", "USAGE.md").is_file()
     assert _python_blocks(ROOT / "docs" / "USAGE.md")
+    # the README's own short usage section is executed too (it must not silently vanish)
+    assert _python_blocks(ROOT / "README.md")
 
 
 @pytest.mark.slow
