@@ -145,3 +145,56 @@ def test_ensemble_members_validate_on_different_groups_and_round_trip(toy_proble
     again = CPNN.load(model.save(tmp_path / "ens.cpnn"))
     assert len(again.modules) == 3
     np.testing.assert_array_equal(again.predict(toy_problem["features"][300:])["spot_expr"], out["spot_expr"])
+
+
+def test_input_pca_matches_reference_projection_and_round_trips(toy_problem, tmp_path):
+    from cpnn.model import FeatureScaler
+
+    model = _fit(toy_problem, input_pca=5)
+    assert model.module.in_dim == 5 and model.scaler.in_dim == toy_problem["features"].shape[1]
+    # reference computation: robust scaling, then the top-5 principal axes of the scaled
+    # training features (sign-free comparison through the projector)
+    x = toy_problem["features"][:300]
+    z = FeatureScaler.fit(x, "robust").transform(x).astype(np.float64)
+    zc = z - z.mean(0)
+    _, _, vt = np.linalg.svd(zc, full_matrices=False)
+    ref = vt[:5].T @ vt[:5]
+    got = model.scaler.pca_components.astype(np.float64) @ model.scaler.pca_components.T.astype(np.float64)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    np.testing.assert_allclose(model.scaler.transform(x) @ model.scaler.pca_components.T,
+                               zc @ ref + 0, atol=1e-3)
+    # still learns, survives save/load bit for bit
+    out = model.predict(toy_problem["features"][300:])
+    agree = composition_agreement(out["weights"], toy_problem["proportions"][300:], model.cell_types, model.cell_types)
+    assert agree["mean"] > 0.8
+    again = CPNN.load(model.save(tmp_path / "pca.cpnn"))
+    np.testing.assert_array_equal(again.predict(toy_problem["features"][300:])["weights"], out["weights"])
+    with pytest.raises(CPNNInputError, match="16"):
+        model.predict(toy_problem["features"][300:, :8])
+    with pytest.raises(ValueError, match="input_pca"):
+        CPNNConfig(input_pca=-1)
+
+
+def test_refit_retrains_on_all_training_data_for_the_chosen_epochs(toy_problem):
+    import dataclasses
+
+    import torch
+
+    from cpnn.train.bags import BagData
+    from cpnn.train.loop import train_cpnn
+
+    model = CPNN(toy_problem["prototypes"], CPNNConfig(hidden=(32,)),
+                 TrainConfig(max_epochs=30, batch_size=32, patience=5, progress=False, seed=3, refit=True))
+    f, y, p = toy_problem["features"][:300], toy_problem["counts"][:300], toy_problem["proportions"][:300]
+    model.fit(f, y, composition_targets=p)
+    epochs = model.split["refit_epochs"]
+    assert epochs == model.train_result.best_epoch + 1 and len(model.split["val"]) > 0
+    # reference: the same initialisation trained by hand on every training row for that many epochs
+    ref = model._build_module(f.shape[1], seed=3)
+    data = BagData(model.scaler.transform(f), np.arange(301))
+    data.counts, data.targets = y.astype(np.float32), p.astype(np.float32)
+    tc = dataclasses.replace(model.train_config, max_epochs=epochs, early_stopping="none")
+    train_cpnn(ref, data, None, model.config, tc)
+    x = torch.from_numpy(model.scaler.transform(toy_problem["features"][300:]))
+    with torch.no_grad():
+        np.testing.assert_allclose(model.module.weights(x).numpy(), ref.weights(x).numpy(), atol=1e-6)

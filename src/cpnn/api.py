@@ -209,7 +209,7 @@ def predict_spatial(model, adata: AnnDataLike, features: np.ndarray, *, sample_i
 
     sid = sample_id or _sample_id(adata, "sample1")
     sample = _as_samples({sid: adata}, {sid: features})[0]
-    if model.module is not None and sample.features.shape[1] != model.module.in_dim:
+    if model.scaler is not None and sample.features.shape[1] != model.scaler.in_dim:
         sample.features = _with_context(sample.features, adata, model.encoder)
     return prediction_anndata(model, sample, image_max_px=image_max_px)
 

@@ -46,6 +46,9 @@ class CPNNConfig:
         ``"robust"`` (median / IQR, clipped), ``"standard"`` (z-score, clipped) or
         ``"none"``. Fitted on training features only. ImageNet features of H&E have
         near-constant dimensions, so plain z-scoring explodes on new patients.
+    input_pca
+        Project the scaled features on their first ``input_pca`` principal components
+        (fitted on the training features) before the MLP; 0 keeps every dimension.
     """
 
     hidden: Tuple[int, ...] = (1024, 512)
@@ -57,6 +60,7 @@ class CPNNConfig:
     composition_weight: float = 1e3
     template_weight: float = 1e3
     feature_scaling: str = "robust"
+    input_pca: int = 0
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -64,6 +68,8 @@ class CPNNConfig:
         _check_choice("feature_scaling", self.feature_scaling, FEATURE_SCALING)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.input_pca < 0:
+            raise ValueError(f"input_pca must be >= 0 (0 = no projection), got {self.input_pca}")
         if self.composition_weight < 0 or self.template_weight < 0:
             raise ValueError("composition_weight and template_weight must be >= 0")
 
@@ -100,6 +106,12 @@ class TrainConfig:
         group(s) in a seeded rotation when there are groups, else another random part)
         and its own seed; predictions are averaged. Averaging members stopped on
         different validation parts makes early stopping far less noisy on small data.
+    refit
+        After early stopping, retrain each member from its initialisation on *all* the
+        training data (its validation part included) for the number of epochs its
+        validation chose — what a ridge probe does after choosing its penalty by inner
+        cross-validation, so that no training section is left unused by the final model.
+        Doubles the training time.
     seed
         Seeds the split, the initialisation, the batch order and patch sampling.
     device
@@ -120,6 +132,7 @@ class TrainConfig:
     patience: int = 30
     val_fraction: float = 0.15
     n_models: int = 1
+    refit: bool = False
     seed: int = 0
     device: str = "cpu"
     progress: bool = True

@@ -98,7 +98,7 @@ def list_methods() -> List[str]:
 
 # --------------------------------------------------------------------------- CPNN
 CPNN_SHORTCUTS = ("loss", "gene_factors", "learn_prototypes", "normalise_prototypes", "hidden", "dropout",
-                  "composition_weight", "template_weight", "feature_scaling")
+                  "composition_weight", "template_weight", "feature_scaling", "input_pca")
 
 
 def cpnn_configs(options: Dict[str, Any], seed: int, progress: bool = False):

@@ -227,7 +227,8 @@ class CPNN:
         targets = self._composition_targets(composition_targets, y, deconvolution_kwargs)
         data.targets = targets
 
-        self.scaler = FeatureScaler.fit(data.features, self.config.feature_scaling)
+        self.scaler = FeatureScaler.fit(data.features, self.config.feature_scaling,
+                                        n_components=self.config.input_pca, seed=self.train_config.seed)
         data.features = self.scaler.transform(data.features)
 
         import dataclasses
@@ -242,7 +243,14 @@ class CPNN:
             module = self._build_module(data.features.shape[1], seed)
             tc = dataclasses.replace(self.train_config, seed=seed)
             val = data.subset(val_idx) if len(val_idx) else None
-            self.train_results.append(train_cpnn(module, data.subset(train_idx), val, self.config, tc))
+            result = train_cpnn(module, data.subset(train_idx), val, self.config, tc)
+            if self.train_config.refit and val is not None:
+                # same initialisation, every training bag, the epochs validation chose
+                members[-1]["refit_epochs"] = int(result.best_epoch) + 1
+                module = self._build_module(data.features.shape[1], seed)
+                train_cpnn(module, data, None, self.config,
+                           dataclasses.replace(tc, max_epochs=int(result.best_epoch) + 1, early_stopping="none"))
+            self.train_results.append(result)
             self.modules.append(module.to(self.train_config.device))
         self.split = dict(members[0])
         if len(members) > 1:
@@ -328,10 +336,10 @@ class CPNN:
         """
         self._check_fitted()
         data = self._as_bags(features, bags)
-        if data.features.shape[1] != self.module.in_dim:
+        if data.features.shape[1] != self.scaler.in_dim:
             raise CPNNInputError(
                 f"features have {data.features.shape[1]} dimensions but the model was trained on "
-                f"{self.module.in_dim} (encoder {self.encoder.get('name', 'unknown')})",
+                f"{self.scaler.in_dim} (encoder {self.encoder.get('name', 'unknown')})",
                 field="features", fix="extract features with the encoder the model was trained with",
             )
         data.features = self.scaler.transform(data.features)
