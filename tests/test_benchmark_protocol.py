@@ -12,6 +12,9 @@ from cpnn.errors import CPNNInputError
 from cpnn.evaluate.benchmark import (
     BenchmarkData,
     _aggregate_weights,
+    _comparison_mapping,
+    _composition,
+    _PrototypeCache,
     make_splits,
     resolve_config,
     run_benchmark,
@@ -259,6 +262,35 @@ def test_weights_mapped_and_summed():
                                     {"Cancer Epithelial": "Epithelial", "Normal Epithelial": "Epithelial"})
     assert names == ["Epithelial", "T-cells"]
     assert np.allclose(agg, [[0.5, 0.5], [0.7, 0.3]])
+
+
+def test_subtype_weights_are_summed_into_their_major_type():
+    """A 41-type model compared with 8-type proportions: every subtype counts towards its
+    parent (from the reference's own labels), not just the few whose names coincide."""
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    sub = np.array(["Cancer Her2", "Cancer LumA", "T CD8", "T CD4", "Plasmablasts"])
+    major = np.array(["Cancer Epithelial", "Cancer Epithelial", "T-cells", "T-cells", "Plasmablasts"])
+    idx = rng.integers(0, 5, size=300)
+    ref = ad.AnnData(X=rng.poisson(2.0, size=(300, 300)).astype(np.float32),
+                     obs=pd.DataFrame({"celltype_subset": sub[idx], "celltype_major": major[idx]},
+                                      index=[f"c{i}" for i in range(300)]))
+    ref.obs.loc["c0", "celltype_major"] = "T-cells"  # one mislabelled cell: the majority wins
+    cache = _PrototypeCache(ref, {"qc": {"min_genes": 1}}, 0)
+    parents = cache.parent_types("celltype_subset", "celltype_major")
+    assert parents == dict(zip(sub.tolist(), major.tolist()))
+    mapping = {"Cancer Epithelial": "Epithelial", "Plasmablasts": "Plasma Cells"}
+    cols = ["Epithelial", "T-cells", "Plasma Cells"]
+    to = _comparison_mapping(list(sub), cols, mapping, parents)
+    assert to == {"Cancer Her2": "Epithelial", "Cancer LumA": "Epithelial", "T CD8": "T-cells",
+                  "T CD4": "T-cells", "Plasmablasts": "Plasma Cells"}
+    w = rng.dirichlet(np.ones(5), size=50)
+    truth = pd.DataFrame(np.stack([w[:, 0] + w[:, 1], w[:, 2] + w[:, 3], w[:, 4]], 1), columns=cols)
+    comp = _composition(w, list(sub), truth, to)
+    assert comp["composition_n_types"] == 3 and comp["composition_mean"] > 0.999
+    # name matching alone would have compared a single type
+    assert _composition(w, list(sub), truth, mapping)["composition_n_types"] == 1
 
 
 def test_kmeans_clusters_recover_planted_types():

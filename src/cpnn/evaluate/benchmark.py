@@ -337,6 +337,21 @@ class _PrototypeCache:
             self.seconds += time.perf_counter() - t0
         return self._protos[key]
 
+    def parent_types(self, label: Optional[str], parent: Optional[str]) -> Dict[str, str]:
+        """Each ``label`` type -> the ``parent`` type most of its reference cells carry.
+
+        Lets a model with finer types (``celltype_subset``) be compared with proportions
+        given at a coarser level (stereoscope's ``major``): its weights are summed per
+        parent type. Empty when either column is missing (e.g. k-means labels).
+        """
+        if not label or not parent or label == parent:
+            return {}
+        ref = self.qc_reference()
+        if label not in ref.obs or parent not in ref.obs:
+            return {}
+        pairs = pd.crosstab(ref.obs[label].astype(str), ref.obs[parent].astype(str))
+        return {str(child): str(row.idxmax()) for child, row in pairs.iterrows()}
+
     def deconvolution(self, key: tuple, protos, counts: np.ndarray, **kw):
         from ..prototypes import deconvolve
 
@@ -504,7 +519,10 @@ def run_benchmark(
                        **{k: v for k, v in met.items() if k != "per_gene"},
                        "composition_mean": np.nan, "composition_n_types": 0, "seconds": round(secs, 2)}
                 if pred.weights is not None and ref_props is not None:
-                    row.update(_composition(pred.weights, pred.cell_types, ref_props, mapping))
+                    parents = cache.parent_types(m.get("label") or cache.cfg.get("label", "celltype_major"),
+                                                 pcfg.get("reference_label") or cache.cfg.get("label", "celltype_major"))
+                    row.update(_composition(pred.weights, pred.cell_types, ref_props,
+                                            _comparison_mapping(pred.cell_types, ref_props.columns, mapping, parents)))
                 row.update({f"info_{k}": v for k, v in pred.info.items()})
                 rows.append(row)
                 pg = met["per_gene"]
@@ -564,6 +582,19 @@ def _test_proportions(props: Dict[str, pd.DataFrame], sample_of: np.ndarray, ids
         obs = [i.split(":", 1)[1] for i in ids[sample_of == sid]]
         parts.append(props[sid].loc[obs])
     return pd.concat(parts)
+
+
+def _comparison_mapping(types, columns, mapping: Dict[str, str], parents: Dict[str, str]) -> Dict[str, str]:
+    """Model type -> proportion column: by name (after ``mapping``), else through the
+    reference's parent type (a subtype counts towards its major type)."""
+    columns = set(map(str, columns))
+    out = {}
+    for t in types or []:
+        name = mapping.get(t, t)
+        if name not in columns and t in parents:
+            name = mapping.get(parents[t], parents[t])
+        out[t] = name
+    return out
 
 
 def _composition(weights, types, ref: pd.DataFrame, mapping: Dict[str, str]) -> Dict[str, Any]:
