@@ -194,3 +194,19 @@ def test_streaming_from_a_feature_file(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     with pytest.raises(CPNNInputError, match="HDF5"):
         list(iter_feature_file(tmp_path / "junk.h5"))
+
+
+@pytest.mark.parametrize("kind", BASELINE_NAMES)
+def test_baseline_save_load_predicts_identically(kind, tmp_path):
+    tr_b, tr_c, _ = planted_bags(30, seed=0)
+    te_b, _, _ = planted_bags(5, seed=1)
+    genes = [f"g{j}" for j in range(tr_c.shape[1])]
+    model = SlideBaseline(kind, genes, TrainConfig(max_epochs=3, batch_size=8, progress=False, seed=0)).fit(tr_b, tr_c)
+    again = SlideBaseline.load(model.save(tmp_path / f"{kind}.pt"), genes=genes)
+    np.testing.assert_array_equal(again.predict(te_b), model.predict(te_b))
+    assert again.kind == kind and again.best_epoch == model.best_epoch
+    with pytest.raises(CPNNInputError, match="different order"):
+        SlideBaseline.load(tmp_path / f"{kind}.pt", genes=list(reversed(genes)))
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(CPNNInputError, match="junk.pt"):
+        SlideBaseline.load(tmp_path / "junk.pt")

@@ -10,8 +10,10 @@ log1p CP10k of the bag's counts (the scale every method is scored on).
 """
 from __future__ import annotations
 
+import os
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -21,6 +23,7 @@ from ..train.early_stopping import EarlyStopping
 from .scaling import FeatureScaler
 
 BASELINE_NAMES = ("meanpool_mlp", "abmil", "he2rna", "sum_of_tiles")
+BASELINE_FORMAT = "cpnn-slide-baseline"
 
 
 def log1p_cp10k(counts: np.ndarray) -> np.ndarray:
@@ -238,3 +241,54 @@ class SlideBaseline:
                                  f"{self.module.in_dim}", field="features")
         data.features = self.scaler.transform(data.features)
         return self._predict_data(data, chunk_patches)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write one self-describing file (kind, genes, options, scaler, weights), atomically."""
+        if self.module is None:
+            raise RuntimeError("this baseline is not trained yet: call fit()")
+        import torch
+
+        from ..config import config_to_dict
+        from ..utils import atomic_path
+        from .cpnn_model import _jsonable
+
+        payload = {
+            "format": BASELINE_FORMAT, "kind": self.kind, "genes": self.genes,
+            "train_config": config_to_dict(self.train_config), "feature_scaling": self.feature_scaling,
+            "module_kw": _jsonable(self.module_kw), "in_dim": int(self.module.in_dim),
+            "scaler": self.scaler.to_dict(), "state_dict": self.module.state_dict(),
+            "history": _jsonable(self.history), "best_epoch": int(self.best_epoch), "split": self.split,
+        }
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], genes: Optional[Sequence[str]] = None) -> "SlideBaseline":
+        """Read a file written by :meth:`save`; ``genes`` (optional) must match its gene order."""
+        import torch
+
+        from ..config import config_from_dict
+        from .cpnn_model import _raise_gene_mismatch
+
+        path = Path(path)
+        if not path.is_file():
+            raise CPNNInputError("baseline file not found", path=path, fix="pass the path written by SlideBaseline.save")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise CPNNInputError(f"not a readable baseline file ({type(exc).__name__}: {exc})", path=path) from exc
+        if not isinstance(payload, dict) or payload.get("format") != BASELINE_FORMAT:
+            raise CPNNInputError(f"not a slide-baseline file (missing 'format': '{BASELINE_FORMAT}')", path=path,
+                                 fix="CPNN models load with cpnn.CPNN.load")
+        if genes is not None and list(genes) != payload["genes"]:
+            _raise_gene_mismatch(path, payload["genes"], list(genes))
+        model = cls(payload["kind"], payload["genes"], config_from_dict(TrainConfig, payload["train_config"]),
+                    payload["feature_scaling"], **payload["module_kw"])
+        model.scaler = FeatureScaler.from_dict(payload["scaler"])
+        model._build(int(payload["in_dim"])).load_state_dict(payload["state_dict"])
+        model.module.eval()
+        model.history, model.best_epoch, model.split = payload["history"], payload["best_epoch"], payload["split"]
+        return model
