@@ -14,6 +14,7 @@ from cpnn.evaluate.benchmark import (
     _aggregate_weights,
     _comparison_mapping,
     _composition,
+    _more_training_genes,
     _PrototypeCache,
     make_splits,
     resolve_config,
@@ -234,6 +235,23 @@ def test_cpnn_and_report_end_to_end(cohort, tmp_path):
             arr = np.asarray(im.convert("L"))
             assert arr.std() > 10
     assert (out / "config.resolved.yaml").is_file()
+
+
+def test_cpnn_may_model_more_genes_than_it_is_scored_on(cohort, tmp_path):
+    # reference computation of the extra genes: by mean CP10k over training rows, scored ones left out
+    y = np.array([[1, 9, 0, 5], [3, 1, 0, 2]], dtype=float)
+    tot = np.array([20.0, 10.0])
+    genes, counts = _more_training_genes(y, tot, ["a", "b", "c", "d"], ["d"])
+    assert genes == ["b", "a", "c"] and np.array_equal(counts, y[:, [1, 0, 2]])
+
+    samples = _samples(cohort, noise=0.1)
+    cfg = _cfg(methods=[{"name": "cpnn", "kind": "cpnn", "prototypes": "naive", "train_genes": 50,
+                         "train": {"max_epochs": 5, "patience": 5, "n_models": 1}}],
+               gene_sets=[{"name": "top30", "kind": "top_expressed", "n": 30}])
+    res = run_benchmark(BenchmarkData(samples, {s.sample_id: _props(s) for s in samples}, cohort.reference),
+                        cfg, tmp_path / "b", progress=False)
+    assert (res.results["info_n_model_genes"] == 50).all()
+    assert len(res.per_gene) == 3 * 30 and res.results["pcc_mean"].notna().all()
 
 
 def _props(sample):

@@ -36,6 +36,10 @@ class TrainData:
     groups: np.ndarray
     val: np.ndarray  # bool mask: the fold's validation part (for early stopping)
     ids: List[str] = field(default_factory=list)
+    # genes outside the scored set (most expressed first) and their counts in these
+    # training observations: a method may model more genes than it is scored on
+    more_genes: List[str] = field(default_factory=list)
+    more_counts: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -57,7 +61,7 @@ class MethodContext:
     seed: int
     fold: int
     gene_set: str
-    prototypes: Callable[..., Any]  # prototypes(label=..., method=...) -> Prototypes for ctx.genes
+    prototypes: Callable[..., Any]  # prototypes(label=..., method=..., genes=None) -> Prototypes (ctx.genes by default)
     deconvolution: Callable[..., Any]  # deconvolution(prototypes, key, counts) -> Deconvolution (cached)
     encoder: Dict[str, Any] = field(default_factory=dict)
     progress: bool = False
@@ -137,25 +141,41 @@ def cpnn_configs(options: Dict[str, Any], seed: int, progress: bool = False):
 def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options) -> MethodOutput:
     """CPNN at spot level. Options: ``preset``, ``label`` (reference column, or
     ``kmeans<k>``), ``prototypes`` (``regression``/``naive``), ``composition_targets``
-    (``deconvolve``/``none``), ``deconvolution`` (kwargs), ``model``, ``train`` and the
+    (``deconvolve``/``none``), ``deconvolution`` (kwargs), ``train_genes`` (model this
+    many genes: the scored ones plus the training data's most expressed others; the
+    prediction is renormalised over the scored genes), ``model``, ``train`` and the
     shortcuts of :func:`cpnn_configs`."""
     from ..model import CPNN
 
     t0 = time.perf_counter()
     cfg, tcfg = cpnn_configs(options, ctx.seed, ctx.progress)
-    protos = ctx.prototypes(label=options.get("label"), method=options.get("prototypes", "regression"))
+    label, proto_method = options.get("label"), options.get("prototypes", "regression")
+    protos = ctx.prototypes(label=label, method=proto_method)
     if list(protos.genes) != list(ctx.genes):
         raise CPNNInputError("prototype genes differ from the fold's gene set", field="genes",
                              fix="report this: gene sets are restricted to reference genes beforehand")
-    model = CPNN(protos, cfg, tcfg, encoder=ctx.encoder)
+    n_scored = len(ctx.genes)
+    counts = train.counts
+    model_protos = protos
+    n_extra = max(0, int(options.get("train_genes") or 0) - n_scored)
+    if n_extra and train.more_genes:
+        extra = list(train.more_genes[:n_extra])
+        model_protos = ctx.prototypes(label=label, method=proto_method, genes=list(ctx.genes) + extra)
+        if list(model_protos.genes) != list(ctx.genes) + extra:
+            raise CPNNInputError("prototypes dropped or reordered training genes", field="genes",
+                                 fix="report this: candidate genes are restricted to reference genes beforehand")
+        counts = np.concatenate([train.counts, train.more_counts[:, :len(extra)]], axis=1)
+    model = CPNN(model_protos, cfg, tcfg, encoder=ctx.encoder)
     targets: Any = None
     mode = options.get("composition_targets", "deconvolve")
     if mode == "deconvolve":
-        # one deconvolution per (fold, gene set, prototypes) shared by all variants;
-        # the same initialisation of the gene factors as CPNN.fit(..., "deconvolve")
+        # one deconvolution per (fold, gene set, prototypes) shared by all variants, over
+        # the scored genes; the same initialisation of the gene factors as
+        # CPNN.fit(..., "deconvolve") (extra genes start at the mean factor)
         dec = ctx.deconvolution(protos, train.counts, **(options.get("deconvolution") or {}))
         lpf = np.log(np.clip(dec.platform_factor, 1e-8, None)).astype(np.float32)
-        model.log_platform_factor = lpf - lpf.mean()
+        lpf = lpf - lpf.mean()
+        model.log_platform_factor = np.concatenate([lpf, np.zeros(counts.shape[1] - n_scored, np.float32)])
         targets = np.asarray(dec.proportions, dtype=np.float32)
     elif mode not in (None, "none"):
         raise CPNNInputError(f"unknown composition_targets {mode!r}", field="methods[].composition_targets",
@@ -163,14 +183,16 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
     # one model: the split's validation part; an ensemble: each member validates on
     # another training group (all of them training data, never the test fold)
     val = np.flatnonzero(train.val) if train.val.any() and tcfg.n_models == 1 else None
-    model.fit(train.features, train.counts, composition_targets=targets, groups=train.groups, val_bags=val)
+    model.fit(train.features, counts, composition_targets=targets, groups=train.groups, val_bags=val)
     out = model.predict(test.features)
     tr = model.train_result
+    scored = out["spot_expr"][:, :n_scored].astype(np.float64)
+    scored /= scored.sum(axis=1, keepdims=True)
     return MethodOutput(
-        expression=np.log1p(out["spot_expr"].astype(np.float64) * 1e4),
+        expression=np.log1p(scored * 1e4),
         weights=out["weights"], cell_types=list(model.cell_types),
         info={"best_epoch": tr.best_epoch, "epochs_run": tr.epochs_run, "criterion": tr.criterion,
-              "n_cell_types": len(model.cell_types), "fit_seconds": round(time.perf_counter() - t0, 1)},
+              "n_cell_types": len(model.cell_types), "n_model_genes": len(model.genes), "fit_seconds": round(time.perf_counter() - t0, 1)},
     )
 
 
