@@ -282,34 +282,11 @@ class CPNN:
         return arr / np.where(sums > 0, sums, 1)
 
     def _carve_validation(self, n: int, groups, val_bags, member: int = 0):
-        """Training and validation indices for ensemble member ``member``.
+        """Training and validation indices for ensemble member ``member``
+        (:func:`cpnn.train.validation.carve_validation`)."""
+        from ..train.validation import carve_validation
 
-        With >= 3 groups, whole groups are held out, taken in turn from one seeded
-        permutation so that members validate on different groups; otherwise a random
-        part of the observations, a different one per member.
-        """
-        tc = self.train_config
-        all_idx = np.arange(n)
-        if val_bags is not None:
-            val = np.unique(np.asarray(val_bags, dtype=np.int64))
-            return np.setdiff1d(all_idx, val), val
-        if tc.val_fraction <= 0 or tc.early_stopping == "none":
-            return all_idx, np.zeros(0, dtype=np.int64)
-        if groups is not None:
-            groups = np.asarray(groups)
-            if len(groups) != n:
-                raise CPNNInputError(f"{len(groups)} group labels for {n} observations", field="groups")
-            uniq = np.unique(groups)
-            if len(uniq) >= 3:
-                order = np.random.default_rng(tc.seed).permutation(uniq)
-                n_val = max(1, int(round(tc.val_fraction * len(uniq))))
-                start = (member * n_val) % len(uniq)
-                val_groups = np.take(order, np.arange(start, start + n_val), mode="wrap")
-                mask = np.isin(groups, val_groups)
-                return all_idx[~mask], all_idx[mask]
-        n_val = max(1, int(round(tc.val_fraction * n)))
-        perm = np.random.default_rng(tc.seed + member).permutation(n)
-        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        return carve_validation(n, self.train_config, groups, val_bags, member)
 
     # ------------------------------------------------------------------ inference
     def _check_fitted(self) -> None:

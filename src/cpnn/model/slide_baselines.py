@@ -20,6 +20,7 @@ import numpy as np
 from ..config import TrainConfig
 from ..errors import CPNNInputError
 from ..train.early_stopping import EarlyStopping
+from ..train.validation import carve_validation
 from .scaling import FeatureScaler
 
 BASELINE_NAMES = ("meanpool_mlp", "abmil", "he2rna", "sum_of_tiles")
@@ -40,35 +41,6 @@ def mean_gene_pearson(pred: np.ndarray, true: np.ndarray) -> float:
     den = np.sqrt((x * x).sum(0) * (y * y).sum(0))
     ok = den > 1e-12
     return float(((x * y).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
-
-
-def carve_validation(n: int, train_config: TrainConfig, groups: Optional[Sequence] = None,
-                     val_bags: Optional[Sequence[int]] = None):
-    """Training and validation bag indices; the same rule as ``CPNN.fit``.
-
-    Explicit ``val_bags`` win; otherwise ``val_fraction`` of the groups (>= 3 groups) or
-    of the bags, drawn with ``train_config.seed``; none when early stopping is off.
-    """
-    tc = train_config
-    all_idx = np.arange(n)
-    if val_bags is not None:
-        val = np.unique(np.asarray(val_bags, dtype=np.int64))
-        return np.setdiff1d(all_idx, val), val
-    if tc.val_fraction <= 0 or tc.early_stopping == "none":
-        return all_idx, np.zeros(0, dtype=np.int64)
-    rng = np.random.default_rng(tc.seed)
-    if groups is not None:
-        groups = np.asarray(groups)
-        if len(groups) != n:
-            raise CPNNInputError(f"{len(groups)} group labels for {n} bags", field="groups")
-        uniq = np.unique(groups)
-        if len(uniq) >= 3:
-            n_val = max(1, int(round(tc.val_fraction * len(uniq))))
-            mask = np.isin(groups, rng.choice(uniq, n_val, replace=False))
-            return all_idx[~mask], all_idx[mask]
-    n_val = max(1, int(round(tc.val_fraction * n)))
-    perm = rng.permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 def _bags_from_list(bags) -> "Any":
