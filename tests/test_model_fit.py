@@ -198,3 +198,26 @@ def test_refit_retrains_on_all_training_data_for_the_chosen_epochs(toy_problem):
     x = torch.from_numpy(model.scaler.transform(toy_problem["features"][300:]))
     with torch.no_grad():
         np.testing.assert_allclose(model.module.weights(x).numpy(), ref.weights(x).numpy(), atol=1e-6)
+
+
+def test_composition_balance_weights_types_by_inverse_target_variance(toy_problem):
+    import torch
+
+    from cpnn.module.losses import composition_loss
+
+    p = np.asarray(toy_problem["proportions"][:300], dtype=np.float64)
+    model = CPNN(toy_problem["prototypes"], CPNNConfig(hidden=(16,), composition_balance=True),
+                 TrainConfig(max_epochs=2, progress=False, seed=0))
+    model.fit(toy_problem["features"][:300], toy_problem["counts"][:300], composition_targets=p)
+    train = np.asarray(model.split["train"])
+    inv = 1.0 / p[train].var(axis=0)
+    np.testing.assert_allclose(model._composition_balance(p, train).numpy(), inv / inv.mean(), rtol=1e-5)
+    np.testing.assert_allclose(model.module.composition_type_weights.numpy(), inv / inv.mean(), rtol=1e-5)
+    w, t = torch.rand(5, 4), torch.rand(5, 4)
+    tw = torch.tensor([0.5, 1.5, 1.0, 1.0])
+    ref = float(((w - t) ** 2 * tw).mean())
+    assert abs(float(composition_loss(w, t, tw)) - ref) < 1e-7
+    assert abs(float(composition_loss(w, t)) - float(((w - t) ** 2).mean())) < 1e-7
+    # off by default, and the buffer never reaches the model file
+    assert CPNN(toy_problem["prototypes"])._composition_balance(p, train) is None
+    assert "composition_type_weights" not in model.module.state_dict()

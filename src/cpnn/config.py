@@ -46,6 +46,11 @@ class CPNNConfig:
         ``"robust"`` (median / IQR, clipped), ``"standard"`` (z-score, clipped) or
         ``"none"``. Fitted on training features only. ImageNet features of H&E have
         near-constant dimensions, so plain z-scoring explodes on new patients.
+    composition_balance
+        Weight each type's term of the composition loss by the inverse of its target
+        variance over the training bags (weights normalised to mean 1), so that rare
+        types (B cells, endothelium) count as much as abundant ones; False is METHOD.md's
+        plain mean over types.
     input_pca
         Project the scaled features on their first ``input_pca`` principal components
         (fitted on the training features) before the MLP; 0 keeps every dimension.
@@ -61,6 +66,7 @@ class CPNNConfig:
     template_weight: float = 1e3
     feature_scaling: str = "robust"
     input_pca: int = 0
+    composition_balance: bool = False
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)

@@ -102,7 +102,8 @@ def list_methods() -> List[str]:
 
 # --------------------------------------------------------------------------- CPNN
 CPNN_SHORTCUTS = ("loss", "gene_factors", "learn_prototypes", "normalise_prototypes", "hidden", "dropout",
-                  "composition_weight", "template_weight", "feature_scaling", "input_pca")
+                  "composition_weight", "template_weight", "feature_scaling", "input_pca",
+                  "composition_balance")
 
 
 def cpnn_configs(options: Dict[str, Any], seed: int, progress: bool = False):

@@ -241,6 +241,9 @@ class CPNN:
             members.append({"train": train_idx.tolist(), "val": val_idx.tolist()})
             seed = self.train_config.seed + member
             module = self._build_module(data.features.shape[1], seed)
+            balance = self._composition_balance(data.targets, train_idx)
+            if balance is not None:
+                module.composition_type_weights.copy_(balance)
             tc = dataclasses.replace(self.train_config, seed=seed)
             val = data.subset(val_idx) if len(val_idx) else None
             result = train_cpnn(module, data.subset(train_idx), val, self.config, tc)
@@ -248,6 +251,8 @@ class CPNN:
                 # same initialisation, every training bag, the epochs validation chose
                 members[-1]["refit_epochs"] = int(result.best_epoch) + 1
                 module = self._build_module(data.features.shape[1], seed)
+                if balance is not None:
+                    module.composition_type_weights.copy_(balance)
                 train_cpnn(module, data, None, self.config,
                            dataclasses.replace(tc, max_epochs=int(result.best_epoch) + 1, early_stopping="none"))
             self.train_results.append(result)
@@ -256,6 +261,16 @@ class CPNN:
         if len(members) > 1:
             self.split["members"] = members
         return self
+
+    def _composition_balance(self, targets: Optional[np.ndarray], train_idx: np.ndarray):
+        """Inverse-variance type weights (mean 1) from the training bags' targets, or None."""
+        if not self.config.composition_balance or targets is None or len(train_idx) < 2:
+            return None
+        import torch
+
+        var = np.asarray(targets, dtype=np.float64)[train_idx].var(axis=0)
+        inv = 1.0 / np.maximum(var, 1e-2 * max(float(var.max()), 1e-12))  # at most 100x apart
+        return torch.from_numpy((inv / inv.mean()).astype(np.float32))
 
     def _composition_targets(self, spec, counts: np.ndarray, kwargs) -> Optional[np.ndarray]:
         if spec is None:

@@ -5,6 +5,8 @@ All expression losses take ``pred`` as a composition over genes (rows sum to 1) 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 _EPS = 1e-10
@@ -61,9 +63,16 @@ def pearson_loss(pred: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return 1.0 - r.mean()
 
 
-def composition_loss(weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``mean_k (mean_i p_i - W)^2`` averaged over bags (METHOD.md §4)."""
-    return torch.mean((weights - targets) ** 2)
+def composition_loss(weights: torch.Tensor, targets: torch.Tensor,
+                     type_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``mean_k (mean_i p_i - W)^2`` averaged over bags (METHOD.md §4).
+
+    ``type_weights`` (K,), mean 1, re-weights the types (see ``CPNNConfig.composition_balance``).
+    """
+    sq = (weights - targets) ** 2
+    if type_weights is not None:
+        sq = sq * type_weights
+    return torch.mean(sq)
 
 
 def expression_loss(name: str, pred: torch.Tensor, counts: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:

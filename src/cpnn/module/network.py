@@ -97,6 +97,8 @@ class CPNNModule(nn.Module):
             self.gene_offset = nn.Parameter(torch.full((n_genes,), math.log(1e-10)))
         # learnable gene-wise NB dispersion (log inverse-dispersion, theta = exp)
         self.log_theta = nn.Parameter(torch.full((n_genes,), math.log(10.0)))
+        # per-type weights of the composition loss (training only, so not saved)
+        self.register_buffer("composition_type_weights", torch.ones(n_types), persistent=False)
 
     def prototype_expression(self) -> torch.Tensor:
         """``(K, G)`` per-type expression used in the forward pass."""

@@ -45,7 +45,7 @@ def _bag_loss(
     total = expr
     parts = {"expr": expr}
     if targets is not None and config.composition_weight > 0:
-        comp = losses.composition_loss(out["bag_weights"], targets)
+        comp = losses.composition_loss(out["bag_weights"], targets, getattr(module, "composition_type_weights", None))
         total = total + config.composition_weight * comp
         parts["composition"] = comp
     if config.template_weight > 0 and config.learn_prototypes:
