@@ -99,6 +99,41 @@ def test_visium_v1_v2(visium, version):
     assert set(a.obs["section"]) == {"libA"}
 
 
+def test_visium_hd_binned_outputs_parquet(tmp_path):
+    """Visium HD: bins of binned_outputs/square_016um, positions in parquet, mpp and bin size
+    from the scale factors (not from a 55 um spot)."""
+    pytest.importorskip("pyarrow")
+    rng = np.random.default_rng(1)
+    outs = tmp_path / "sampleHD" / "outs" / "binned_outputs" / "square_016um"
+    (outs / "spatial").mkdir(parents=True)
+    n = 9
+    barcodes = [f"s_016um_{r:05d}_{c:05d}-1" for r in range(3) for c in range(3)]
+    counts = rng.poisson(3, size=(n, 2))
+    _write_10x_h5(outs / "filtered_feature_bc_matrix.h5", counts, barcodes, ["GAPDH", "KRT19"],
+                  ["ENSG01", "ENSG03"], ["Gene Expression"] * 2, library="")
+    pos = pd.DataFrame({"barcode": barcodes, "in_tissue": [1] * n,
+                        "array_row": [i // 3 for i in range(n)], "array_col": [i % 3 for i in range(n)],
+                        "pxl_row_in_fullres": [50.0 + 58.4 * (i // 3) for i in range(n)],
+                        "pxl_col_in_fullres": [40.0 + 58.4 * (i % 3) for i in range(n)]})
+    pos.to_parquet(outs / "spatial" / "tissue_positions.parquet", index=False)
+    (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps(
+        {"spot_diameter_fullres": 58.4, "bin_size_um": 16.0, "microns_per_pixel": 0.274,
+         "tissue_hires_scalef": 0.08, "tissue_lowres_scalef": 0.02}))
+    a = read_visium(outs)
+    rec = a.uns["cpnn_input"]
+    assert rec["platform"] == "visium_hd" and rec["positions_version"] == "hd_parquet"
+    assert rec["mpp"] == pytest.approx(0.274) and rec["mpp_source"] == "scalefactors_microns_per_pixel"
+    assert rec["spot_diameter_um"] == 16.0 and rec["inter_spot_distance_um"] == 16.0
+    assert rec["sample_id"] == "sampleHD"
+    assert list(a.obs_names) == barcodes
+    np.testing.assert_array_equal(a.X.toarray(), counts)
+    np.testing.assert_allclose(a.obsm["spatial"], pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy())
+    # a corrupt parquet file names itself
+    (outs / "spatial" / "tissue_positions.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(CPNNInputError, match="tissue_positions.parquet"):
+        read_visium(outs)
+
+
 def test_visium_given_mpp_and_ids(visium):
     outs, counts, barcodes, pos, img = visium
     pos.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)

@@ -7,7 +7,10 @@ Files used::
     spatial/tissue_positions.csv        Space Ranger >= 2.0, with header
     spatial/tissue_positions_list.csv   Space Ranger 1.x, headerless, same six columns:
         barcode, in_tissue, array_row, array_col, pxl_row_in_fullres, pxl_col_in_fullres
+    spatial/tissue_positions.parquet    Visium HD binned outputs (``binned_outputs/square_008um``
+                                        or ``square_016um``), same six columns
     spatial/scalefactors_json.json      spot_diameter_fullres, tissue_hires_scalef, ...
+                                        (Visium HD adds microns_per_pixel and bin_size_um)
 
 Coordinates: x = ``pxl_col_in_fullres``, y = ``pxl_row_in_fullres`` (pixels of the
 full-resolution image given to Space Ranger, which is not in ``outs/``; the
@@ -120,14 +123,26 @@ def read_10x_h5(
 
 
 def read_tissue_positions(spatial_dir: os.PathLike | str) -> tuple[pd.DataFrame, Path]:
-    """Read ``tissue_positions.csv`` (v2, header) or ``tissue_positions_list.csv`` (v1).
+    """Read ``tissue_positions.csv`` (v2, header), ``tissue_positions_list.csv`` (v1) or
+    ``tissue_positions.parquet`` (Visium HD binned outputs).
 
     Returns the frame indexed by barcode with the six standard columns, and the file read.
     """
     spatial_dir = Path(spatial_dir)
     v2 = spatial_dir / "tissue_positions.csv"
     v1 = spatial_dir / "tissue_positions_list.csv"
-    if v2.is_file():
+    hd = spatial_dir / "tissue_positions.parquet"
+    if hd.is_file() and not v2.is_file():
+        path = hd
+        try:
+            df = pd.read_parquet(path)
+        except ImportError as exc:
+            raise CPNNInputError("reading parquet positions needs pyarrow.", path=path,
+                                 fix="pip install pyarrow") from exc
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise CPNNInputError(f"unreadable parquet file ({type(exc).__name__}: {exc}).", path=path,
+                                 fix="re-copy spatial/tissue_positions.parquet from Space Ranger's binned outputs.") from exc
+    elif v2.is_file():
         path = v2
         df = pd.read_csv(path)
         if "barcode" not in df.columns:
@@ -144,8 +159,9 @@ def read_tissue_positions(spatial_dir: os.PathLike | str) -> tuple[pd.DataFrame,
         df.columns = POSITION_COLUMNS
     else:
         raise CPNNInputError(
-            "no tissue_positions.csv or tissue_positions_list.csv.", path=spatial_dir,
-            fix="pass the Space Ranger outs/ folder (with its spatial/ subfolder).",
+            "no tissue_positions.csv, tissue_positions_list.csv or tissue_positions.parquet.", path=spatial_dir,
+            fix="pass the Space Ranger outs/ folder (Visium HD: a binned_outputs/square_016um folder) "
+            "with its spatial/ subfolder.",
         )
     missing = [c for c in POSITION_COLUMNS if c not in df.columns]
     if missing:
@@ -179,7 +195,9 @@ def read_visium(
     Parameters
     ----------
     outs_dir
-        The ``outs/`` folder.
+        The ``outs/`` folder; for Visium HD one of its ``binned_outputs/square_XXXum``
+        folders (bins then play the role of spots; their size and the image's microns per
+        pixel come from ``scalefactors_json.json``).
     image_path
         Full-resolution H&E given to Space Ranger (not part of ``outs/``). Optional;
         when given, spot centres are checked to lie inside it.
@@ -237,7 +255,15 @@ def read_visium(
     xy = p[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
 
     diam_px = scalef.get("spot_diameter_fullres")
-    if mpp is None:
+    bin_um = scalef.get("bin_size_um")
+    spot_um = float(bin_um) if bin_um else VISIUM_SPOT_DIAMETER_UM
+    pitch_um = float(bin_um) if bin_um else VISIUM_PITCH_UM
+    if mpp is None and scalef.get("microns_per_pixel"):
+        mpp_used, mpp_source = float(scalef["microns_per_pixel"]), "scalefactors_microns_per_pixel"
+        if not mpp_used > 0:
+            raise CPNNInputError(f"microns_per_pixel is {mpp_used}.", path=spath, field="microns_per_pixel",
+                                 fix="pass mpp= explicitly.")
+    elif mpp is None:
         if diam_px is None or not float(diam_px) > 0:
             raise CPNNInputError(
                 "mpp not given and spot_diameter_fullres missing: cannot derive microns per pixel.",
@@ -260,7 +286,8 @@ def read_visium(
         if isinstance(lib, list) and len(lib) == 1 and lib[0]:
             library_id = lib[0]
         else:
-            library_id = outs.parent.name if outs.name == "outs" else outs.name
+            base = outs.parent.parent if outs.parent.name == "binned_outputs" else outs  # Visium HD bins
+            library_id = base.parent.name if base.name == "outs" else base.name
     library_id = str(library_id)
     patient = str(patient_id) if patient_id is not None else library_id
 
@@ -273,16 +300,16 @@ def read_visium(
     record = {
         "image_path": None if image_path is None else str(image_path),
         "mpp": mpp_used,
-        "spot_diameter_um": VISIUM_SPOT_DIAMETER_UM,
+        "spot_diameter_um": spot_um,
         "sample_id": library_id,
         "patient_id": patient,
-        "platform": "visium",
+        "platform": "visium_hd" if bin_um else "visium",
         "mpp_source": mpp_source,
-        "inter_spot_distance_um": VISIUM_PITCH_UM,
+        "inter_spot_distance_um": pitch_um,
         "scalefactors": {k: float(v) for k, v in scalef.items() if isinstance(v, (int, float))},
         "matrix_path": str(mpath),
         "positions_path": str(ppath),
-        "positions_version": "v2" if ppath.name == "tissue_positions.csv" else "v1",
+        "positions_version": {"tissue_positions.csv": "v2", "tissue_positions.parquet": "hd_parquet"}.get(ppath.name, "v1"),
         "n_barcodes_not_in_tissue_dropped": n_out_tissue,
         "patient_source": "given" if patient_id is not None else "sample_id",
         **img_info,
