@@ -221,3 +221,28 @@ def test_composition_balance_weights_types_by_inverse_target_variance(toy_proble
     # off by default, and the buffer never reaches the model file
     assert CPNN(toy_problem["prototypes"])._composition_balance(p, train) is None
     assert "composition_type_weights" not in model.module.state_dict()
+
+
+def test_val_pcc_comp_adds_weight_agreement_to_the_stopping_score(toy_problem):
+    from cpnn.train.bags import BagData
+    from cpnn.train.early_stopping import EarlyStopping
+    from cpnn.train.loop import validation_metrics
+
+    model = _fit(toy_problem)
+    f, y, p = toy_problem["features"][300:], toy_problem["counts"][300:], toy_problem["proportions"][300:]
+    out = model.predict(f)
+    data = BagData(model.scaler.transform(f), np.arange(len(f) + 1))
+    data.counts, data.targets = y.astype(np.float32), p.astype(np.float32)
+    m = validation_metrics(model.module, out["bag_expr"], out["bag_weights"], data, model.config)
+    ref = np.mean([np.corrcoef(out["bag_weights"][:, k], p[:, k])[0, 1] for k in range(p.shape[1])])
+    assert m["val_comp_r"] == pytest.approx(ref, abs=1e-5) and m["val_comp_r"] > 0.5
+    assert m["val_pcc_comp"] == pytest.approx(m["val_pcc"] + m["val_comp_r"])
+    stop = EarlyStopping("val_pcc_comp", patience=1)
+    stop.step(0, {"val_pcc_comp": 0.5}, model.module)
+    stop.step(1, {"val_pcc_comp": 0.7}, model.module)
+    assert stop.best_epoch == 1  # maximised
+    trained = CPNN(toy_problem["prototypes"], CPNNConfig(hidden=(16,)),
+                   TrainConfig(max_epochs=5, progress=False, early_stopping="val_pcc_comp"))
+    trained.fit(toy_problem["features"][:300], toy_problem["counts"][:300], composition_targets=toy_problem["proportions"][:300])
+    assert trained.train_result.criterion == "val_pcc_comp"
+    assert all("val_comp_r" in r for r in trained.train_result.history)

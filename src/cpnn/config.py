@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 
 LOSSES = ("nb", "poisson", "mse_log1p", "pearson")
 LEVELS = ("spot", "bulk")
-EARLY_STOPPING = ("val_loss", "val_pcc", "none")
+EARLY_STOPPING = ("val_loss", "val_pcc", "val_pcc_comp", "none")
 FEATURE_SCALING = ("robust", "standard", "none")
 
 
@@ -101,7 +101,10 @@ class TrainConfig:
         Max gradient norm (0 disables).
     early_stopping
         ``"val_pcc"`` (mean per-gene Pearson on the validation part; default),
-        ``"val_loss"`` (the paper's: validation loss) or ``"none"``.
+        ``"val_loss"`` (the paper's: validation loss), ``"val_pcc_comp"`` (``val_pcc`` plus
+        the mean per-type Pearson, across validation bags, between predicted weights and
+        composition targets: the epoch where both expression and weights are best) or
+        ``"none"``.
     patience
         Epochs without improvement before stopping.
     val_fraction

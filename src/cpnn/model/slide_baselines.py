@@ -179,6 +179,7 @@ class SlideBaseline:
                 pv = self._predict_data(val)
                 rec["val_loss"] = float(np.mean((pv - val.counts) ** 2))
                 rec["val_pcc"] = mean_gene_pearson(pv, val.counts)
+                rec["val_pcc_comp"] = rec["val_pcc"]  # no composition here
             self.history.append(rec)
             if stopper.step(epoch, rec, module):
                 break

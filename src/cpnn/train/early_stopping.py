@@ -12,7 +12,8 @@ class EarlyStopping:
     Parameters
     ----------
     criterion
-        Key of the epoch record to watch (``"val_pcc"`` is maximised, any other key —
+        Key of the epoch record to watch (``"val_pcc"`` and ``"val_pcc_comp"`` are
+        maximised, any other key —
         e.g. ``"val_loss"`` — minimised), or ``"none"`` to never stop early.
     patience
         Epochs without improvement before :meth:`step` returns True.
@@ -21,7 +22,7 @@ class EarlyStopping:
     def __init__(self, criterion: str, patience: int) -> None:
         self.criterion = criterion
         self.patience = int(patience)
-        self.maximise = criterion == "val_pcc"
+        self.maximise = criterion in ("val_pcc", "val_pcc_comp")
         self.best_score = -math.inf if self.maximise else math.inf
         self.best_epoch = -1
         self.best_state: Optional[Dict[str, Any]] = None

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -106,16 +107,19 @@ def predict_bags(
 
 def _mean_gene_pearson(pred_comp: np.ndarray, counts: np.ndarray) -> float:
     """Mean over genes of Pearson across bags, on log1p CP10k (constant genes skipped)."""
-    x = np.log1p(pred_comp * 1e4)
     tot = counts.sum(axis=1, keepdims=True)
-    y = np.log1p(counts / np.maximum(tot, 1e-12) * 1e4)
+    return _mean_column_pearson(np.log1p(pred_comp * 1e4), np.log1p(counts / np.maximum(tot, 1e-12) * 1e4))
+
+
+def _mean_column_pearson(pred: np.ndarray, true: np.ndarray) -> float:
+    """Mean over columns of Pearson across rows (columns constant on either side skipped)."""
+    x = np.asarray(pred, np.float64)
+    y = np.asarray(true, np.float64)
     x = x - x.mean(0)
     y = y - y.mean(0)
     den = np.sqrt((x * x).sum(0) * (y * y).sum(0))
     ok = den > 1e-12
-    if not ok.any():
-        return float("nan")
-    return float(((x * y).sum(0)[ok] / den[ok]).mean())
+    return float(((x * y).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
 
 
 def validation_metrics(module, bag_expr: np.ndarray, bag_weights: np.ndarray, data: BagData,
@@ -128,6 +132,12 @@ def validation_metrics(module, bag_expr: np.ndarray, bag_weights: np.ndarray, da
     metrics = {f"val_{k}": float(v) for k, v in parts.items()}
     metrics["val_pcc"] = _mean_gene_pearson(bag_expr, data.counts)
     metrics["val_loss"] = metrics.pop("val_total")
+    if data.targets is not None:
+        metrics["val_comp_r"] = _mean_column_pearson(bag_weights, data.targets)
+        metrics["val_pcc_comp"] = metrics["val_pcc"] + (0.0 if math.isnan(metrics["val_comp_r"])
+                                                        else metrics["val_comp_r"])
+    else:
+        metrics["val_pcc_comp"] = metrics["val_pcc"]
     return metrics
 
 
