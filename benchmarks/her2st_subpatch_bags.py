@@ -1,0 +1,129 @@
+"""HER2ST: a spot as a bag of sub-patches (CPNN) vs mean-pooled sub-patches (ridge probe).
+
+Leave-one-section-out over C2-C6, 785-gene panel, Spearman per gene across the held-out
+spots. Every spot's 112 um square is cut into ``grid x grid`` sub-patches (default 2 x 2
+of 56 um), each resampled to 224 px (0.25 um/px, twice the magnification of the usual
+112 um -> 224 px patch) and encoded by EfficientNet-Lite0. Compared, all without the
+neighbour-context ring:
+
+- ``ridge_112`` / ``cpnn_112``: the usual single 112 um patch per spot;
+- ``ridge_sub_mean``: the HEST probe (inner-CV penalty) on the mean of the sub-patch features;
+- ``ridge_112+sub``: the probe on [112 um feature, mean sub-patch feature];
+- ``cpnn_sub_bag``: CPNN (package defaults, ``celltype_subset`` regression prototypes) with
+  each spot a bag of its sub-patches: one cell-type mixture per sub-patch, the spot's
+  expression the mean of theirs (METHOD.md's bag head, used at spot level).
+
+    python benchmarks/her2st_subpatch_bags.py --data-dir ../shared/data --cache /tmp/subpatch \
+        --features-112 /tmp/her2st_none --json subpatch.json
+
+``--features-112`` is a folder of ``{section}.h5`` 112 um feature files (made there if
+absent). The five sections are one patient: new sections, not new patients.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+from scipy import sparse
+
+SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
+
+
+def sub_patch_features(sample, encoder, grid: int, cache: Path) -> np.ndarray:
+    """(N spots, grid*grid, D) features of the sub-patches tiling each spot's 112 um square."""
+    from cpnn.encoders.extract import extract_spot_features
+    from cpnn.image import open_slide
+
+    info = sample.adata.uns["cpnn_input"]
+    mpp = float(info["mpp"])
+    xy = np.asarray(sample.adata.obsm["spatial"], dtype=np.float64)
+    step_um = 112.0 / grid
+    centres_um = (np.arange(grid) + 0.5) * step_um - 56.0
+    offs = np.array([[dx, dy] for dy in centres_um for dx in centres_um]) / mpp
+    centres = (xy[:, None, :] + offs[None]).reshape(-1, 2)
+    ids = [f"{s}#{k}" for s in map(str, sample.adata.obs_names) for k in range(len(offs))]
+    out = cache / f"{sample.sample_id}_grid{grid}.h5"
+    with open_slide(info["image_path"], mpp=mpp) as slide:
+        extract_spot_features(slide, centres, ids, encoder, out, patch_um=step_um, out_px=224, progress=False)
+    with h5py.File(out, "r") as f:
+        return np.asarray(f["features"], dtype=np.float32).reshape(len(xy), len(offs), -1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--cache", default="subpatch-features")
+    ap.add_argument("--features-112", default="subpatch-features/112um")
+    ap.add_argument("--grid", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from cpnn.config import CPNNConfig, TrainConfig
+    from cpnn.encoders import create_encoder
+    from cpnn.evaluate import expression_metrics, to_log1p_cp10k
+    from cpnn.model import CPNN
+    from cpnn.model.probes import RidgeProbe
+    from cpnn.prototypes import build_prototypes, read_reference
+    from cpnn.utils import find_data_dir
+    from cpnn.workflows.fit import SPOT_MODEL_DEFAULTS, SPOT_TRAIN_DEFAULTS, read_gene_list
+    from cpnn.workflows.spatial import FeatureSpec, attach_features, load_inputs
+
+    t_start = time.perf_counter()
+    data = find_data_dir(args.data_dir)
+    if data is None:
+        raise SystemExit("data folder not found: pass --data-dir or set CPNN_DATA_DIR")
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    samples = {s.sample_id: s for s in load_inputs(her2st=str(data / "her2st"), sections=SECTIONS)}
+    attach_features(list(samples.values()), FeatureSpec(tta="none", context_rings=0.0),
+                    cache_dir=args.features_112, progress=False)
+    encoder = create_encoder("efficientnet-lite0")
+    sub = {s: sub_patch_features(samples[s], encoder, args.grid, cache) for s in SECTIONS}
+    panel = read_gene_list(data / "her2st" / "her2st_785_genes.txt")
+    ref = read_reference(data / "reference" / "wu2021_CID4465.h5ad", "celltype_subset")
+    genes = [g for g in panel if g in set(ref.var_names)
+             and all(g in set(s.adata.var_names) for s in samples.values())]
+    protos = build_prototypes(ref, "celltype_subset", method="regression", genes=genes, seed=0)
+    genes = list(protos.genes)
+
+    def counts(s):
+        x = samples[s].adata[:, genes].X
+        return (x.toarray() if sparse.issparse(x) else np.asarray(x)).astype(np.float32)
+
+    per_fold = {}
+    for test in SECTIONS:
+        train = [s for s in SECTIONS if s != test]
+        y_tr, y_te = np.concatenate([counts(s) for s in train]), counts(test)
+        keep, keep_te = y_tr.sum(1) >= 1, y_te.sum(1) >= 1
+        groups = np.concatenate([[s] * len(samples[s].features) for s in train])[keep]
+        truth = to_log1p_cp10k(y_te[keep_te])
+        f112 = np.concatenate([samples[s].features for s in train])[keep]
+        t112 = samples[test].features[keep_te]
+        fsub, tsub = np.concatenate([sub[s] for s in train])[keep], sub[test][keep_te]
+        row = {}
+        for name, x_tr, x_te in [("ridge_112", f112, t112), ("ridge_sub_mean", fsub.mean(1), tsub.mean(1)),
+                                 ("ridge_112+sub", np.hstack([f112, fsub.mean(1)]), np.hstack([t112, tsub.mean(1)]))]:
+            probe = RidgeProbe(n_components=256, alphas="cv", seed=0).fit(x_tr, to_log1p_cp10k(y_tr[keep]), groups=groups)
+            row[name] = expression_metrics(probe.predict(x_te), truth)["scc_mean"]
+        for name, bags_tr, bags_te in [("cpnn_112", list(f112[:, None]), list(t112[:, None])),
+                                       ("cpnn_sub_bag", list(fsub), list(tsub))]:
+            model = CPNN(protos, CPNNConfig(**SPOT_MODEL_DEFAULTS),
+                         TrainConfig(**{**SPOT_TRAIN_DEFAULTS, "progress": False}))
+            model.fit(bags_tr, y_tr[keep], groups=groups)
+            pred = model.predict(bags_te)["bag_expr"].astype(np.float64)
+            row[name] = expression_metrics(np.log1p(pred * 1e4), truth)["scc_mean"]
+        per_fold[test] = row
+        print(test, {k: round(v, 3) for k, v in row.items()}, flush=True)
+    mean = {k: float(np.mean([per_fold[s][k] for s in SECTIONS])) for k in per_fold[SECTIONS[0]]}
+    print("mean", {k: round(v, 3) for k, v in mean.items()})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"per_fold": per_fold, "mean": mean, "grid": args.grid,
+                                               "n_genes": len(genes),
+                                               "seconds": round(time.perf_counter() - t_start, 1)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
