@@ -25,11 +25,11 @@ from cpnn.data import read_her2st_proportions
 from cpnn.evaluate import composition_agreement
 from cpnn.evaluate.benchmark import HER2ST_MAJOR_MAPPING
 from cpnn.plot.spatial import composition_panel
-from cpnn.utils import find_data_dir, write_json
-from cpnn.workflows.fit import SPOT_MODEL_DEFAULTS, SPOT_TRAIN_DEFAULTS, read_gene_list
-from cpnn.workflows.spatial import FeatureSpec, attach_features, fit_spot_model, load_inputs
+from cpnn.utils import write_json
+from cpnn.workflows.fit import SPOT_MODEL_DEFAULTS, SPOT_TRAIN_DEFAULTS
+from cpnn.workflows.spatial import FeatureSpec, fit_spot_model
 
-SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
+from _her2st import SECTIONS, load_sections, panel_prototypes
 
 
 def merged_weights(weights: np.ndarray, cell_types, mapping):
@@ -52,21 +52,13 @@ def main() -> None:
     import torch
 
     from cpnn.config import CPNNConfig, TrainConfig
-    from cpnn.prototypes import build_prototypes, read_reference
 
     t0 = time.perf_counter()
-    data = find_data_dir(args.data_dir)
-    if data is None:
-        raise SystemExit("data folder not found: pass --data-dir or set CPNN_DATA_DIR")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    samples = {s.sample_id: s for s in load_inputs(her2st=str(data / "her2st"), sections=SECTIONS)}
     spec = FeatureSpec(tta=args.tta, context_rings=1.0)
-    attach_features(list(samples.values()), spec, cache_dir=args.feature_cache or out / "features", progress=False)
-    panel = read_gene_list(data / "her2st" / "her2st_785_genes.txt")
-    genes = [g for g in panel if all(g in set(s.adata.var_names) for s in samples.values())]
-    ref = read_reference(data / "reference" / "wu2021_CID4465.h5ad", "celltype_major")
-    protos = build_prototypes(ref, "celltype_major", method=args.prototypes, genes=genes, seed=0)
+    data, samples = load_sections(args.data_dir, args.feature_cache or out / "features", args.tta, 1.0)
+    protos = panel_prototypes(data, samples, "celltype_major", args.prototypes)
     model_cfg, train_cfg = dict(SPOT_MODEL_DEFAULTS), {**SPOT_TRAIN_DEFAULTS, "progress": False}
     for item in args.set:
         key, value = item.split("=", 1)

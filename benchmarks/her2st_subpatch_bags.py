@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 from scipy import sparse
 
-SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
+from _her2st import SECTIONS, load_sections, panel_prototypes
 
 
 def sub_patch_features(sample, encoder, grid: int, cache: Path) -> np.ndarray:
@@ -66,27 +66,15 @@ def main() -> None:
     from cpnn.evaluate import expression_metrics, to_log1p_cp10k
     from cpnn.model import CPNN
     from cpnn.model.probes import RidgeProbe
-    from cpnn.prototypes import build_prototypes, read_reference
-    from cpnn.utils import find_data_dir
-    from cpnn.workflows.fit import SPOT_MODEL_DEFAULTS, SPOT_TRAIN_DEFAULTS, read_gene_list
-    from cpnn.workflows.spatial import FeatureSpec, attach_features, load_inputs
+    from cpnn.workflows.fit import SPOT_MODEL_DEFAULTS, SPOT_TRAIN_DEFAULTS
 
     t_start = time.perf_counter()
-    data = find_data_dir(args.data_dir)
-    if data is None:
-        raise SystemExit("data folder not found: pass --data-dir or set CPNN_DATA_DIR")
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    samples = {s.sample_id: s for s in load_inputs(her2st=str(data / "her2st"), sections=SECTIONS)}
-    attach_features(list(samples.values()), FeatureSpec(tta="none", context_rings=0.0),
-                    cache_dir=args.features_112, progress=False)
+    data, samples = load_sections(args.data_dir, args.features_112)
     encoder = create_encoder("efficientnet-lite0")
     sub = {s: sub_patch_features(samples[s], encoder, args.grid, cache) for s in SECTIONS}
-    panel = read_gene_list(data / "her2st" / "her2st_785_genes.txt")
-    ref = read_reference(data / "reference" / "wu2021_CID4465.h5ad", "celltype_subset")
-    genes = [g for g in panel if g in set(ref.var_names)
-             and all(g in set(s.adata.var_names) for s in samples.values())]
-    protos = build_prototypes(ref, "celltype_subset", method="regression", genes=genes, seed=0)
+    protos = panel_prototypes(data, samples, "celltype_subset", same_names_only=True)
     genes = list(protos.genes)
 
     def counts(s):

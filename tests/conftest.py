@@ -13,6 +13,17 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: thread hand-offs cost more than the maths on a loaded 2-core box."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     """The shared real-data folder, or skip with the reason."""

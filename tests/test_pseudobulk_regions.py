@@ -5,7 +5,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scipy import sparse
 
 from cpnn.errors import CPNNInputError
@@ -13,12 +12,7 @@ from cpnn.workflows.pseudobulk import fit_bulk_model, make_regions, region_bags,
 from cpnn.workflows.spatial import SpatialSample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def grid_section(sid="S1", nx=10, ny=8, pitch_um=200.0, mpp=0.7, jitter=0.08, seed=0, n_genes=15, hole=True):

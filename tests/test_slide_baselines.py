@@ -12,13 +12,7 @@ from cpnn.module.slide_baselines import SLIDE_BASELINES, segment_softmax, segmen
 from cpnn.train.bags import BagData
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: thread hand-offs cost more than the maths on a loaded 2-core box
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Protos:

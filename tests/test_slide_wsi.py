@@ -4,19 +4,13 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cpnn.config import CPNNConfig, TrainConfig
 from cpnn.errors import CPNNInputError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

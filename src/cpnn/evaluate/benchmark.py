@@ -448,6 +448,7 @@ def run_benchmark(
     x_all = np.concatenate([np.asarray(s.features, dtype=np.float32) for s in samples])
     candidates = _common_genes(samples)
     method_cfgs = [m for m in cfg["methods"] if methods is None or m["name"] in methods]
+    wants_more_genes = any(m.get("train_genes") for m in method_cfgs)
     needs_ref = any(m["kind"] == "cpnn" for m in method_cfgs)
     cache = _PrototypeCache(data.reference, cfg.get("reference") or {}, seed)
     n_candidates_all = len(candidates)
@@ -492,9 +493,10 @@ def run_benchmark(
             keep_te = yte.sum(1) >= min_counts
             tri, tei = tr_idx[keep_tr], te_idx[keep_te]
             train = TrainData(x_all[tri], ytr[keep_tr], groups[tri], val_mask[keep_tr], [ids[i] for i in tri])
-            # every other candidate gene of the training spots, most expressed first: a
-            # method may model more genes than it is scored on (training data only)
-            train.more_genes, train.more_counts = _more_training_genes(y_all[tri], totals[tri], candidates, genes)
+            if wants_more_genes:
+                # every other candidate gene of the training spots, most expressed first: a
+                # method may model more genes than it is scored on (training data only)
+                train.more_genes, train.more_counts = _more_training_genes(y_all[tri], totals[tri], candidates, genes)
             test = TestData(x_all[tei], groups[tei], [ids[i] for i in tei])
             truth = to_log1p_cp10k(yte[keep_te])
             ref_props = _test_proportions(data.proportions, sample_of[tei], ids[tei])

@@ -11,6 +11,7 @@ from scipy import sparse
 from .. import __version__
 from ..config import CPNNConfig, TrainConfig, config_from_dict, config_to_dict
 from ..errors import CPNNInputError
+from .files import read_model_file, write_model_file
 from .scaling import FeatureScaler
 
 FORMAT_VERSION = 1
@@ -367,8 +368,6 @@ class CPNN:
         self._check_fitted()
         import torch
 
-        from ..utils import atomic_path
-
         payload = {
             "format": "cpnn-model",
             "format_version": FORMAT_VERSION,
@@ -390,10 +389,7 @@ class CPNN:
             "member_best_epochs": [int(r.best_epoch) for r in self.train_results],
             "split": self.split,
         }
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-        return path
+        return write_model_file(path, payload)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], genes: Optional[Sequence[str]] = None,
@@ -411,17 +407,8 @@ class CPNN:
             If given, the encoder name (or a dict with ``name``, ``patch_um``, ``out_px``,
             ``tta`` — e.g. a feature file's attributes) of the caller's features; must match.
         """
-        import torch
-
         path = Path(path)
-        if not path.is_file():
-            raise CPNNInputError("model file not found", path=path, fix="pass the path written by CPNN.save / cpnn fit")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-            raise CPNNInputError(f"not a readable cpnn model file ({type(exc).__name__}: {exc})", path=path) from exc
-        if not isinstance(payload, dict) or payload.get("format") != "cpnn-model":
-            raise CPNNInputError("not a cpnn model file (missing 'format': 'cpnn-model')", path=path)
+        payload = read_model_file(path, "cpnn-model", "cpnn model", "CPNN.save / cpnn fit")
         if genes is not None and list(genes) != payload["genes"]:
             _raise_gene_mismatch(path, payload["genes"], list(genes))
         check_encoder(payload.get("encoder") or {}, encoder, path)

@@ -220,11 +220,9 @@ class SlideBaseline:
         """Write one self-describing file (kind, genes, options, scaler, weights), atomically."""
         if self.module is None:
             raise RuntimeError("this baseline is not trained yet: call fit()")
-        import torch
-
         from ..config import config_to_dict
-        from ..utils import atomic_path
         from .cpnn_model import _jsonable
+        from .files import write_model_file
 
         payload = {
             "format": BASELINE_FORMAT, "kind": self.kind, "genes": self.genes,
@@ -233,29 +231,18 @@ class SlideBaseline:
             "scaler": self.scaler.to_dict(), "state_dict": self.module.state_dict(),
             "history": _jsonable(self.history), "best_epoch": int(self.best_epoch), "split": self.split,
         }
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-        return path
+        return write_model_file(path, payload)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], genes: Optional[Sequence[str]] = None) -> "SlideBaseline":
         """Read a file written by :meth:`save`; ``genes`` (optional) must match its gene order."""
-        import torch
-
         from ..config import config_from_dict
         from .cpnn_model import _raise_gene_mismatch
+        from .files import read_model_file
 
         path = Path(path)
-        if not path.is_file():
-            raise CPNNInputError("baseline file not found", path=path, fix="pass the path written by SlideBaseline.save")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-            raise CPNNInputError(f"not a readable baseline file ({type(exc).__name__}: {exc})", path=path) from exc
-        if not isinstance(payload, dict) or payload.get("format") != BASELINE_FORMAT:
-            raise CPNNInputError(f"not a slide-baseline file (missing 'format': '{BASELINE_FORMAT}')", path=path,
-                                 fix="CPNN models load with cpnn.CPNN.load")
+        payload = read_model_file(path, BASELINE_FORMAT, "slide-baseline", "SlideBaseline.save",
+                                  "CPNN models load with cpnn.CPNN.load")
         if genes is not None and list(genes) != payload["genes"]:
             _raise_gene_mismatch(path, payload["genes"], list(genes))
         model = cls(payload["kind"], payload["genes"], config_from_dict(TrainConfig, payload["train_config"]),
