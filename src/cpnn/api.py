@@ -64,9 +64,9 @@ def _as_samples(adatas, features) -> list:
     samples = []
     for sid, a, f in zip(ids, items, feats):
         f = np.asarray(f, dtype=np.float32)
-        if f.ndim != 2 or f.shape[0] != a.n_obs:
+        if f.ndim not in (2, 3) or f.shape[0] != a.n_obs:
             raise CPNNInputError(f"features of sample {sid} have shape {f.shape}; expected ({a.n_obs} spots, D) "
-                                 "in obs order", field="features",
+                                 f"or ({a.n_obs} spots, sub-patches, D) in obs order", field="features",
                                  fix="compute them with cpnn.api.spatial_features(adata)")
         samples.append(SpatialSample(sid, a, f))
     return samples
@@ -82,6 +82,7 @@ def spatial_features(
     tta: str = "none",
     cache_path=None,
     progress: bool = False,
+    subpatch_grid: int = 1,
 ) -> np.ndarray:
     """Patch features of every spot of a spatial AnnData.
 
@@ -101,11 +102,15 @@ def spatial_features(
         Feature file (CLAM-style ``.h5``) to write or reuse.
     progress
         Show a progress bar.
+    subpatch_grid
+        ``g > 1``: each spot's ``patch_um`` square cut into ``g x g`` sub-patches, each
+        encoded at ``out_px`` (``g`` times the magnification); CPNN then treats the spot as
+        a bag of them.
 
     Returns
     -------
     numpy.ndarray
-        ``(n_obs, D)`` float32 features in ``obs`` order.
+        ``(n_obs, D)`` float32 features in ``obs`` order, or ``(n_obs, g * g, D)``.
 
     Examples
     --------
@@ -118,7 +123,7 @@ def spatial_features(
 
         encoder = create_encoder(encoder)
     return spot_features(adata, encoder, slide=slide, patch_um=patch_um, out_px=out_px, cache_path=cache_path,
-                         tta=tta, progress=progress)
+                         tta=tta, progress=progress, subpatch_grid=subpatch_grid)
 
 
 def fit_spatial(
@@ -184,7 +189,8 @@ def predict_spatial(model, adata: AnnDataLike, features: np.ndarray, *, sample_i
         The section (``obsm['spatial']``; counts optional — when all model genes are
         measured they are kept in ``layers['counts']`` for comparison).
     features
-        ``(n_spots, D)`` patch features made with the model's encoder; when the model was
+        ``(n_spots, D)`` patch features made with the model's encoder (``(n_spots, k, D)``
+        for a model trained on sub-patch bags); when the model was
         trained with spatial context (``model.encoder['context_rings']``), the
         neighbourhood mean is appended here exactly as in training.
     sample_id
@@ -209,7 +215,7 @@ def predict_spatial(model, adata: AnnDataLike, features: np.ndarray, *, sample_i
 
     sid = sample_id or _sample_id(adata, "sample1")
     sample = _as_samples({sid: adata}, {sid: features})[0]
-    if model.scaler is not None and sample.features.shape[1] != model.scaler.in_dim:
+    if model.scaler is not None and sample.features.shape[-1] != model.scaler.in_dim:
         sample.features = _with_context(sample.features, adata, model.encoder)
     return prediction_anndata(model, sample, image_max_px=image_max_px)
 

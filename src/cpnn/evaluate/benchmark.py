@@ -43,7 +43,7 @@ DEFAULTS: Dict[str, Any] = {
     "seed": 0,
     "split": {"by": "patient", "scheme": "leave_one_group_out", "n_folds": 4, "val_fraction": 0.2},
     "features": {"encoder": "efficientnet-lite0", "patch_um": 112.0, "out_px": 224, "tta": "none",
-                 "cache_dir": None, "file_pattern": "{sample}.h5"},
+                 "subpatch_grid": 1, "cache_dir": None, "file_pattern": "{sample}.h5"},
     "reference": None,
     "gene_sets": [{"name": "top250_expressed", "kind": "top_expressed", "n": 250}],
     "methods": [{"name": "cpnn", "kind": "cpnn"}, {"name": "ridge_cv", "kind": "ridge", "alphas": "cv"}],
@@ -191,11 +191,13 @@ def _attach(samples, feat: Dict[str, Any], progress: bool) -> None:
 
 
 def _attach_raw(samples, feat: Dict[str, Any], progress: bool) -> None:
-    from ..workflows.spatial import read_features_for
+    from ..workflows.spatial import check_feature_grid, read_features_for
 
     if feat.get("features_dir"):
         for s in samples:
             s.features = read_features_for(s, Path(feat["features_dir"]))
+            check_feature_grid(s.features, int(feat.get("subpatch_grid", 1) or 1),
+                               Path(feat["features_dir"]) / f"{s.sample_id}.h5")
         return
     from ..encoders import create_encoder
     from ..workflows.features import spot_features
@@ -204,13 +206,25 @@ def _attach_raw(samples, feat: Dict[str, Any], progress: bool) -> None:
     for s in samples:
         cache = None
         if feat.get("cache_dir"):
-            cache = Path(feat["cache_dir"]) / feat.get("file_pattern", "{sample}.h5").format(
-                sample=s.sample_id, tta=feat.get("tta", "none"))
+            cache = Path(feat["cache_dir"]) / _cache_name(feat, s.sample_id)
         if encoder is None:
             encoder = create_encoder(feat.get("encoder", "efficientnet-lite0"))
         s.features = spot_features(s.adata, encoder, patch_um=float(feat.get("patch_um", 112.0)),
                                    out_px=feat.get("out_px"), cache_path=cache, tta=feat.get("tta", "none"),
-                                   progress=progress)
+                                   progress=progress, subpatch_grid=int(feat.get("subpatch_grid", 1) or 1))
+
+
+def _cache_name(feat: Dict[str, Any], sample_id: str) -> str:
+    """Feature file name of a sample: ``file_pattern`` with ``{sample}``, ``{tta}``, ``{grid}``
+    filled; sub-patch features get a ``_grid{g}`` suffix unless the pattern names ``{grid}``
+    (so that one cache folder can hold both kinds)."""
+    pattern = feat.get("file_pattern", "{sample}.h5")
+    grid = int(feat.get("subpatch_grid", 1) or 1)
+    name = pattern.format(sample=sample_id, tta=feat.get("tta", "none"), grid=grid)
+    if grid > 1 and "{grid}" not in pattern:
+        stem, dot, ext = name.rpartition(".")
+        name = f"{stem}_grid{grid}.{ext}" if dot else f"{name}_grid{grid}"
+    return name
 
 
 def _synthetic_samples(d: Dict[str, Any], feat: Dict[str, Any], progress: bool):
@@ -224,10 +238,12 @@ def _synthetic_samples(d: Dict[str, Any], feat: Dict[str, Any], progress: bool):
     encoder = create_encoder(feat.get("encoder", "efficientnet-lite0"))
     samples = []
     for sl in cohort.slides:
-        cache = Path(feat["cache_dir"]) / f"{sl.slide_id}.h5" if feat.get("cache_dir") else None
+        cache = (Path(feat["cache_dir"]) / _cache_name({**feat, "file_pattern": "{sample}.h5"}, sl.slide_id)
+                 if feat.get("cache_dir") else None)
         f = spot_features(sl.spots, encoder, slide=ArraySlide(sl.image, cohort.mpp),
                           patch_um=float(feat.get("patch_um", 100.0)), out_px=feat.get("out_px"),
-                          cache_path=cache, tta=feat.get("tta", "none"), progress=progress)
+                          cache_path=cache, tta=feat.get("tta", "none"), progress=progress,
+                          subpatch_grid=int(feat.get("subpatch_grid", 1) or 1))
         samples.append(SpatialSample(sl.slide_id, sl.spots, f, meta={"image": sl.image}))
     return samples, cohort.reference
 
@@ -470,7 +486,8 @@ def run_benchmark(
                                            and pcfg.get("level", "major") == "major" else {}))
     feat_cfg = cfg.get("features") or {}
     encoder = {"name": feat_cfg.get("encoder"), "patch_um": feat_cfg.get("patch_um"),
-               "out_px": feat_cfg.get("out_px"), "tta": feat_cfg.get("tta")}
+               "out_px": feat_cfg.get("out_px"), "tta": feat_cfg.get("tta"),
+               "context_rings": feat_cfg.get("context_rings"), "subpatch_grid": feat_cfg.get("subpatch_grid")}
     rows, gene_rows, gene_sets_used = [], [], {}
     predictions: Dict[tuple, np.ndarray] = {}
     cand_pos = {g: i for i, g in enumerate(candidates)}

@@ -185,9 +185,11 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
     # another training group (all of them training data, never the test fold)
     val = np.flatnonzero(train.val) if train.val.any() and tcfg.n_models == 1 else None
     model.fit(train.features, counts, composition_targets=targets, groups=train.groups, val_bags=val)
-    out = model.predict(test.features)
+    from ..model.cpnn_model import per_observation
+
+    out = per_observation(model.predict(test.features), test.features)
     tr = model.train_result
-    scored = out["spot_expr"][:, :n_scored].astype(np.float64)
+    scored = out["expression"][:, :n_scored].astype(np.float64)
     scored /= scored.sum(axis=1, keepdims=True)
     return MethodOutput(
         expression=np.log1p(scored * 1e4),
@@ -198,6 +200,13 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
 
 
 # --------------------------------------------------------------------------- baselines
+def spot_level(features: np.ndarray) -> np.ndarray:
+    """One row per observation: ``(N, k, D)`` sub-patch features averaged over the
+    sub-patches (methods without a bag head), ``(N, D)`` unchanged."""
+    features = np.asarray(features, dtype=np.float32)
+    return features.mean(axis=1) if features.ndim == 3 else features
+
+
 @register_method("ridge")
 def run_ridge(train: TrainData, test: TestData, ctx: MethodContext, /, **options) -> MethodOutput:
     """HEST-Benchmark probe (standardise, PCA, ridge) on log1p CP10k. Options:
@@ -207,8 +216,8 @@ def run_ridge(train: TrainData, test: TestData, ctx: MethodContext, /, **options
 
     probe = RidgeProbe(n_components=int(options.get("n_components", 256)), alphas=options.get("alphas", "cv"),
                        n_inner_folds=int(options.get("n_inner_folds", 4)), seed=int(options.get("seed", ctx.seed)))
-    probe.fit(train.features, to_log1p_cp10k(train.counts), groups=train.groups)
-    return MethodOutput(expression=probe.predict(test.features), info={"alpha": probe.alpha_})
+    probe.fit(spot_level(train.features), to_log1p_cp10k(train.counts), groups=train.groups)
+    return MethodOutput(expression=probe.predict(spot_level(test.features)), info={"alpha": probe.alpha_})
 
 
 @register_method("mlp")
@@ -222,5 +231,5 @@ def run_mlp(train: TrainData, test: TestData, ctx: MethodContext, /, **options) 
         mlp = MLPRegressor(**kw)
     except TypeError as exc:
         raise CPNNInputError(f"bad mlp option: {exc}", field="methods[]") from exc
-    mlp.fit(train.features, to_log1p_cp10k(train.counts), groups=train.groups)
-    return MethodOutput(expression=mlp.predict(test.features))
+    mlp.fit(spot_level(train.features), to_log1p_cp10k(train.counts), groups=train.groups)
+    return MethodOutput(expression=mlp.predict(spot_level(test.features)))

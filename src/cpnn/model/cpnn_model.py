@@ -154,9 +154,15 @@ class CPNN:
         if isinstance(features, (list, tuple)):
             return BagData.from_bags([np.asarray(f, dtype=np.float32) for f in features])
         features = np.asarray(features, dtype=np.float32)
+        if features.ndim == 3 and bags is None:
+            # (spots, sub-patches, dims): every spot a bag of its k sub-patches
+            n, k, d = features.shape
+            if k == 0:
+                raise CPNNInputError("features have 0 sub-patches per spot", field="features")
+            return CPNN._as_bags(features.reshape(n * k, d), np.arange(0, n * k + 1, k))
         if features.ndim != 2:
-            raise CPNNInputError(f"features must be a 2-D array (patches x dims), got shape {features.shape}",
-                                 field="features")
+            raise CPNNInputError(f"features must be a 2-D array (patches x dims) or 3-D (spots x sub-patches x "
+                                 f"dims), got shape {features.shape}", field="features")
         if not np.isfinite(features).all():
             bad = np.unique(np.nonzero(~np.isfinite(features))[0])
             raise CPNNInputError(f"features contain NaN/inf in {len(bad)} rows (first: {bad[:5].tolist()})",
@@ -190,7 +196,8 @@ class CPNN:
         Parameters
         ----------
         features
-            ``(N, D)`` array — one patch per observation (spot level), or with ``bags``
+            ``(N, D)`` array — one patch per observation (spot level); ``(N, k, D)`` — each
+            observation a bag of ``k`` sub-patches; a ``(P, D)`` array with ``bags``
             offsets, or a list of ``(n_b, D)`` arrays, one per bag (slide level).
         counts
             ``(B, G)`` raw counts per bag, columns in ``self.genes`` order, or an AnnData
@@ -326,6 +333,8 @@ class CPNN:
         dict
             ``weights`` (N, K) per patch; ``spot_expr`` (N, G) per-patch expression
             (a composition over genes); ``bag_expr`` (B, G); ``bag_weights`` (B, K).
+            For ``(N, k, D)`` sub-patch features the patches are the ``N * k`` sub-patches
+            and the bags the ``N`` spots (see :func:`per_observation`).
         """
         self._check_fitted()
         data = self._as_bags(features, bags)
@@ -454,11 +463,20 @@ def _trainer():
     return train_cpnn
 
 
+def per_observation(outputs: Dict[str, np.ndarray], features) -> Dict[str, np.ndarray]:
+    """``expression`` and ``weights`` per observation from :meth:`CPNN.predict` outputs:
+    the bag outputs when ``features`` were ``(N, k, D)`` sub-patch bags, else the patches'."""
+    if np.ndim(features) == 3:
+        return {"expression": outputs["bag_expr"], "weights": outputs["bag_weights"]}
+    return {"expression": outputs["spot_expr"], "weights": outputs["weights"]}
+
+
 def check_encoder(saved: Dict[str, Any], given: Union[None, str, Dict[str, Any]], path=None) -> None:
     """Refuse features whose encoder or patch geometry differs from the model's.
 
     ``given`` is an encoder name or a dict with any of ``name``/``encoder``, ``patch_um``,
-    ``out_px``, ``tta`` (a feature file's attributes work as they are).
+    ``out_px``, ``tta``, ``subpatch_grid`` (a feature file's attributes work as they are).
+    A model record without ``subpatch_grid`` was trained on one patch per spot.
     """
     if given is None or not saved:
         return
@@ -466,17 +484,21 @@ def check_encoder(saved: Dict[str, Any], given: Union[None, str, Dict[str, Any]]
     if "name" not in given and given.get("encoder"):
         given["name"] = given["encoder"]
     diffs = []
-    for key in ("name", "patch_um", "out_px", "tta"):
+    for key in ("name", "patch_um", "out_px", "tta", "subpatch_grid"):
         a, b = saved.get(key), given.get(key)
+        if key == "subpatch_grid" and a is None:
+            a = 1
         if a is None or b is None:
             continue
-        same = abs(float(a) - float(b)) < 1e-6 * max(1.0, abs(float(a))) if key in ("patch_um", "out_px") else a == b
+        numeric = key in ("patch_um", "out_px", "subpatch_grid")
+        same = abs(float(a) - float(b)) < 1e-6 * max(1.0, abs(float(a))) if numeric else a == b
         if not same:
             diffs.append(f"{key}: model {a!r}, features {b!r}")
     if diffs:
         raise CPNNInputError(
             "features do not match the model's encoder (" + "; ".join(diffs) + ")", path=path, field="encoder",
-            fix=f"extract features with --encoder {saved.get('name')} --patch-um {saved.get('patch_um')}",
+            fix=f"extract features with --encoder {saved.get('name')} --patch-um {saved.get('patch_um')}"
+                + (f" --subpatch-grid {saved['subpatch_grid']}" if (saved.get("subpatch_grid") or 1) > 1 else ""),
         )
 
 

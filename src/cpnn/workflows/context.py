@@ -34,7 +34,9 @@ def context_features(features: np.ndarray, xy: np.ndarray, rings: float = 1.0) -
     Parameters
     ----------
     features
-        ``(N, D)`` features of the spots (or tiles) of **one** section/slide.
+        ``(N, D)`` features of the spots (or tiles) of **one** section/slide, or
+        ``(N, k, D)`` sub-patch features: the neighbourhood mean is then taken over the
+        spots' mean sub-patch features and appended to every sub-patch.
     xy
         ``(N, 2)`` their centres, any unit.
     rings
@@ -44,11 +46,14 @@ def context_features(features: np.ndarray, xy: np.ndarray, rings: float = 1.0) -
     Returns
     -------
     numpy.ndarray
-        ``(N, 2 D)`` float32 (or ``(N, D)`` when ``rings == 0``).
+        ``(N, 2 D)`` float32 (``(N, k, 2 D)`` for sub-patches; unchanged when ``rings == 0``).
     """
     features = np.asarray(features, dtype=np.float32)
     if rings <= 0:
         return features
+    if features.ndim == 3:
+        ring = context_features(features.mean(axis=1), xy, rings)[:, features.shape[2]:]
+        return np.concatenate([features, np.broadcast_to(ring[:, None, :], features.shape)], axis=2)
     from scipy import sparse
     from scipy.spatial import cKDTree
 

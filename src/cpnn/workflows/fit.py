@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
+
 
 from .. import __version__
 from ..config import CPNNConfig, TrainConfig, config_from_dict, config_to_dict
@@ -64,7 +66,7 @@ class FitOptions:
         opts.seed = args.seed if args.seed is not None else cfg.get("seed", opts.seed)
         feat = dict(cfg.get("features", {}))
         for key, flag in (("encoder", "encoder"), ("patch_um", "patch_um"), ("tta", "tta"),
-                          ("context_rings", "context_rings")):
+                          ("context_rings", "context_rings"), ("subpatch_grid", "subpatch_grid")):
             if getattr(args, flag, None) is not None:
                 feat[key] = getattr(args, flag)
         opts.features = FeatureSpec(**{**SPOT_FEATURE_DEFAULTS, **feat})
@@ -207,8 +209,12 @@ def run_predict(run: Path, samples: List[SpatialSample], out: Path, features_dir
             from ..model.cpnn_model import check_encoder
 
             attrs = s.meta.get("feature_attrs", {})
-            check_encoder(enc, {"name": attrs.get("encoder"), "patch_um": attrs.get("patch_um"),
-                                "out_px": attrs.get("patch_size_px"), "tta": attrs.get("tta")},
+            # a sub-patch file records its sub-patches' side; the model, the spot's square
+            grid = int(round(np.sqrt(s.features.shape[1]))) if np.ndim(s.features) == 3 else 1
+            patch_um = attrs.get("patch_um")
+            check_encoder(enc, {"name": attrs.get("encoder"), "out_px": attrs.get("patch_size_px"),
+                                "patch_um": None if patch_um is None else float(patch_um) * grid,
+                                "tta": attrs.get("tta"), "subpatch_grid": grid},
                           Path(features_dir) / f"{s.sample_id}.h5")
         pred = prediction_anndata(model, s)
         target = out / f"{s.sample_id}.h5ad" if several else out

@@ -183,7 +183,9 @@ def region_bags(samples: Sequence[Any], genes: Sequence[str], block_spots: int =
         counts.append(onehot @ y)
         for m in reg.members:
             if require_features:
-                bags.append(np.asarray(s.features[m], dtype=np.float32))
+                # sub-patch features (n, k, D): the region's bag holds all their sub-patches
+                f = np.asarray(s.features[m], dtype=np.float32)
+                bags.append(f.reshape(-1, f.shape[-1]))
         names += reg.names
         sections += [s.sample_id] * len(reg)
         members += reg.members

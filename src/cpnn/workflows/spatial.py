@@ -19,8 +19,9 @@ from ..errors import CPNNInputError
 @dataclass
 class FeatureSpec:
     """How patch features are made: encoder, physical patch size, resampled size, TTA,
-    and spatial context (``context_rings`` spot pitches of neighbours averaged and appended;
-    0 = the spot's own patch only)."""
+    spatial context (``context_rings`` spot pitches of neighbours averaged and appended;
+    0 = the spot's own patch only) and sub-patches (``subpatch_grid`` g > 1: each spot a
+    bag of g x g sub-patches of ``patch_um / g`` microns, each resampled to ``out_px``)."""
 
     encoder: str = "efficientnet-lite0"
     patch_um: float = 112.0
@@ -28,17 +29,19 @@ class FeatureSpec:
     tta: str = "none"
     batch_size: int = 32
     context_rings: float = 0.0
+    subpatch_grid: int = 1
 
     def as_dict(self) -> Dict[str, Any]:
         return {"name": self.encoder, "patch_um": self.patch_um, "out_px": self.out_px, "tta": self.tta,
-                "context_rings": self.context_rings}
+                "context_rings": self.context_rings, "subpatch_grid": self.subpatch_grid}
 
     @classmethod
     def from_encoder_info(cls, enc: Dict[str, Any]) -> "FeatureSpec":
         """The spec a trained model's ``encoder`` record describes."""
         return cls(encoder=enc.get("name", "efficientnet-lite0"), patch_um=float(enc.get("patch_um", 112.0)),
                    out_px=enc.get("out_px"), tta=enc.get("tta", "none"),
-                   context_rings=float(enc.get("context_rings", 0.0) or 0.0))
+                   context_rings=float(enc.get("context_rings", 0.0) or 0.0),
+                   subpatch_grid=int(enc.get("subpatch_grid", 1) or 1))
 
 
 @dataclass
@@ -128,6 +131,7 @@ def attach_features(
     for s in samples:
         if features_dir is not None:
             s.features = read_features_for(s, Path(features_dir))
+            check_feature_grid(s.features, spec.subpatch_grid, Path(features_dir) / f"{s.sample_id}.h5")
             s.features = context_features(s.features, s.adata.obsm[SPATIAL], spec.context_rings)
             continue
         if encoder is None:
@@ -138,12 +142,26 @@ def attach_features(
 
         cache = None if cache_dir is None else Path(cache_dir) / f"{s.sample_id}.h5"
         s.features = spot_features(s.adata, encoder, patch_um=spec.patch_um, out_px=spec.out_px,
-                                   cache_path=cache, tta=spec.tta, batch_size=spec.batch_size, progress=progress)
+                                   cache_path=cache, tta=spec.tta, batch_size=spec.batch_size, progress=progress,
+                                   subpatch_grid=spec.subpatch_grid)
         s.features = context_features(s.features, s.adata.obsm[SPATIAL], spec.context_rings)
 
 
+def check_feature_grid(features: np.ndarray, grid: int, path=None) -> None:
+    """Refuse feature files whose sub-patches per spot differ from ``grid x grid``."""
+    k = features.shape[1] if np.ndim(features) == 3 else 1
+    if k != int(grid) ** 2:
+        got = f"{k} sub-patches per spot" if k > 1 else "one patch per spot"
+        fix = f"--subpatch-grid {int(round(np.sqrt(k)))}" if k > 1 else "--subpatch-grid 1"
+        raise CPNNInputError(f"the feature file holds {got}, the settings ask for a {grid} x {grid} grid",
+                             path=path, field="subpatch_grid", fix=f"use {fix} (features.subpatch_grid in a config)")
+
+
 def read_features_for(sample: SpatialSample, features_dir: Path) -> np.ndarray:
-    """Features of ``sample`` from a CLAM/TRIDENT/cpnn file, aligned to its spots by id."""
+    """Features of ``sample`` from a CLAM/TRIDENT/cpnn file, aligned to its spots by id.
+
+    A sub-patch file (ids ``"{spot}#{j}"``, as :func:`cpnn.workflows.features.spot_features`
+    writes them) gives ``(n_spots, k, D)``."""
     from ..encoders import read_feature_file
 
     path = features_dir / f"{sample.sample_id}.h5"
@@ -158,12 +176,27 @@ def read_features_for(sample: SpatialSample, features_dir: Path) -> np.ndarray:
                                  path=path, field="ids", fix="store spot ids in the file (dataset 'ids')")
         return ff.features
     index = {i: k for k, i in enumerate(map(str, ff.ids))}
+    sample.meta["feature_attrs"] = dict(ff.attrs)
+    if obs and obs[0] not in index and f"{obs[0]}#0" in index:
+        return _subpatch_rows(ff, index, obs, path)
     missing = [o for o in obs if o not in index]
     if missing:
         raise CPNNInputError(f"{len(missing)} of {len(obs)} spots have no features (e.g. {', '.join(missing[:3])})",
                              path=path, field="ids", fix="re-extract features for these spots")
-    sample.meta["feature_attrs"] = dict(ff.attrs)
     return ff.features[[index[o] for o in obs]]
+
+
+def _subpatch_rows(ff, index: Dict[str, int], obs: List[str], path: Path) -> np.ndarray:
+    """``(n_spots, k, D)`` from a file of ``"{spot}#{j}"`` rows (k sub-patches per spot)."""
+    k = 0
+    while f"{obs[0]}#{k}" in index:
+        k += 1
+    try:
+        rows = [index[f"{o}#{j}"] for o in obs for j in range(k)]
+    except KeyError as exc:
+        raise CPNNInputError(f"sub-patch {exc.args[0]} has no features (every spot needs {k} sub-patches)",
+                             path=path, field="ids", fix="re-extract the sub-patch features for these spots") from None
+    return ff.features[rows].reshape(len(obs), k, -1)
 
 
 # --------------------------------------------------------------------------- fit
@@ -239,7 +272,9 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
     import anndata as ad
     import pandas as pd
 
-    out = model.predict(sample.features)
+    from ..model.cpnn_model import per_observation
+
+    out = per_observation(model.predict(sample.features), sample.features)
     a = sample.adata
     obs = pd.DataFrame(index=pd.Index([str(o) for o in a.obs_names], name="spot"))
     for col in (SECTION, "patient"):
@@ -248,7 +283,7 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
     weights = out["weights"]
     obs["cpnn_dominant_type"] = pd.Categorical([model.cell_types[i] for i in weights.argmax(1)],
                                                categories=model.cell_types)
-    pred = ad.AnnData(X=np.log1p(out["spot_expr"] * 1e4).astype(np.float32), obs=obs,
+    pred = ad.AnnData(X=np.log1p(out["expression"] * 1e4).astype(np.float32), obs=obs,
                       var=pd.DataFrame(index=pd.Index(model.genes, name="gene")))
     pred.obsm[SPATIAL] = np.asarray(a.obsm[SPATIAL], dtype=np.float64)
     pred.obsm[WEIGHTS] = weights.astype(np.float32)

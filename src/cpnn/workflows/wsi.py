@@ -16,9 +16,12 @@ from ..errors import CPNNInputError
 
 
 def _tile_settings(model, tile_px: Optional[int], target_mpp: Optional[float]):
-    """Tile size and resolution: the model's patch (``patch_um`` at ``out_px``) unless given."""
+    """Tile size and resolution: the model's patch (``patch_um`` at ``out_px``) unless given.
+
+    A model trained on spots as bags of g x g sub-patches sees tissue at the sub-patches'
+    scale, so its tiles are ``patch_um / g`` microns, each with its own cell-type mixture."""
     enc = dict(model.encoder or {})
-    patch_um = float(enc.get("patch_um") or 112.0)
+    patch_um = float(enc.get("patch_um") or 112.0) / int(enc.get("subpatch_grid") or 1)
     out_px = int(enc.get("out_px") or 224)
     tile_px = int(tile_px or out_px)
     target_mpp = float(target_mpp or patch_um / tile_px)
