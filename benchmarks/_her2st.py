@@ -9,8 +9,9 @@ SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 
 
 def load_sections(data_dir: Optional[str], feature_cache, tta: str = "none",
-                  context_rings: float = 0.0) -> Tuple[Path, Dict[str, object]]:
-    """(data folder, {section: SpatialSample with features}) for C2-C6; exits when no data."""
+                  context_rings: float = 0.0, subpatch_grid: int = 1) -> Tuple[Path, Dict[str, object]]:
+    """(data folder, {section: SpatialSample with features}) for C2-C6; exits when no data.
+    With ``subpatch_grid > 1`` the features are ``(spots, grid**2, D)`` sub-patch bags."""
     from cpnn.utils import find_data_dir
     from cpnn.workflows.spatial import FeatureSpec, attach_features, load_inputs
 
@@ -18,8 +19,9 @@ def load_sections(data_dir: Optional[str], feature_cache, tta: str = "none",
     if data is None:
         raise SystemExit("data folder not found: pass --data-dir or set CPNN_DATA_DIR")
     samples = {s.sample_id: s for s in load_inputs(her2st=str(data / "her2st"), sections=SECTIONS)}
-    attach_features(list(samples.values()), FeatureSpec(tta=tta, context_rings=context_rings),
-                    cache_dir=feature_cache, progress=False)
+    spec = FeatureSpec(tta=tta, context_rings=context_rings, subpatch_grid=subpatch_grid)
+    cache = feature_cache if subpatch_grid == 1 or feature_cache is None else Path(feature_cache) / f"grid{subpatch_grid}"
+    attach_features(list(samples.values()), spec, cache_dir=cache, progress=False)
     return data, samples
 
 

@@ -6,7 +6,7 @@ proportion (Pearson across spots, then the mean over types). Writes one figure p
 section (stereoscope top, CPNN bottom) and prints the table quoted in BENCHMARKS.md.
 
     python benchmarks/her2st_maps.py --data-dir ../shared/data --out runs/her2st_maps \
-        [--tta flips8] [--feature-cache DIR]
+        [--tta flips8] [--feature-cache DIR] [--subpatch-grid 2]
 
 Weights of Cancer + Normal Epithelial are summed into stereoscope's Epithelial and
 Plasmablasts map to Plasma Cells. The five sections are one patient (C): this measures
@@ -24,6 +24,7 @@ import numpy as np
 from cpnn.data import read_her2st_proportions
 from cpnn.evaluate import composition_agreement
 from cpnn.evaluate.benchmark import HER2ST_MAJOR_MAPPING
+from cpnn.model.cpnn_model import per_observation
 from cpnn.plot.spatial import composition_panel
 from cpnn.utils import write_json
 from cpnn.workflows.fit import SPOT_MODEL_DEFAULTS, SPOT_TRAIN_DEFAULTS
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--tta", default="flips8", choices=["none", "flips", "flips8"])
     ap.add_argument("--feature-cache", default=None, help="folder of {section}.h5 feature files (made if absent)")
     ap.add_argument("--prototypes", default="regression", choices=["naive", "regression"])
+    ap.add_argument("--subpatch-grid", type=int, default=1,
+                    help="each spot a bag of G x G sub-patches (features cached under FEATURE_CACHE/gridG)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a model/train default, e.g. --set composition_weight=1e4 --set max_epochs=150")
     args = ap.parse_args()
@@ -56,8 +59,9 @@ def main() -> None:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = FeatureSpec(tta=args.tta, context_rings=1.0)
-    data, samples = load_sections(args.data_dir, args.feature_cache or out / "features", args.tta, 1.0)
+    spec = FeatureSpec(tta=args.tta, context_rings=1.0, subpatch_grid=args.subpatch_grid)
+    data, samples = load_sections(args.data_dir, args.feature_cache or out / "features", args.tta, 1.0,
+                                  args.subpatch_grid)
     protos = panel_prototypes(data, samples, "celltype_major", args.prototypes)
     model_cfg, train_cfg = dict(SPOT_MODEL_DEFAULTS), {**SPOT_TRAIN_DEFAULTS, "progress": False}
     for item in args.set:
@@ -71,7 +75,7 @@ def main() -> None:
         train = [samples[s] for s in SECTIONS if s != test]
         model = fit_spot_model(train, protos, CPNNConfig(**model_cfg), TrainConfig(**train_cfg),
                                encoder=spec.as_dict())
-        pred = model.predict(samples[test].features)
+        pred = per_observation(model.predict(samples[test].features), samples[test].features)
         obs = list(samples[test].adata.obs_names)
         props = read_her2st_proportions(data / "her2st", test, level="major", obs_names=obs)
         w, names = merged_weights(pred["weights"], model.cell_types, HER2ST_MAJOR_MAPPING)
@@ -92,6 +96,7 @@ def main() -> None:
     summary = {"mean_over_sections": mean, "per_section": rows,
                "per_type_mean": {k: float(np.nanmean(v)) for k, v in per_type.items()},
                "settings": {"tta": args.tta, "context_rings": 1.0, "prototypes": args.prototypes,
+                            "subpatch_grid": args.subpatch_grid,
                             "model": model_cfg, "train": train_cfg},
                "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "maps_summary.json", summary)

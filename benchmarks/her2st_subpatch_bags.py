@@ -26,7 +26,6 @@ import json
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 from scipy import sparse
 
@@ -35,22 +34,10 @@ from _her2st import SECTIONS, load_sections, panel_prototypes
 
 def sub_patch_features(sample, encoder, grid: int, cache: Path) -> np.ndarray:
     """(N spots, grid*grid, D) features of the sub-patches tiling each spot's 112 um square."""
-    from cpnn.encoders.extract import extract_spot_features
-    from cpnn.image import open_slide
+    from cpnn.workflows.features import spot_features
 
-    info = sample.adata.uns["cpnn_input"]
-    mpp = float(info["mpp"])
-    xy = np.asarray(sample.adata.obsm["spatial"], dtype=np.float64)
-    step_um = 112.0 / grid
-    centres_um = (np.arange(grid) + 0.5) * step_um - 56.0
-    offs = np.array([[dx, dy] for dy in centres_um for dx in centres_um]) / mpp
-    centres = (xy[:, None, :] + offs[None]).reshape(-1, 2)
-    ids = [f"{s}#{k}" for s in map(str, sample.adata.obs_names) for k in range(len(offs))]
-    out = cache / f"{sample.sample_id}_grid{grid}.h5"
-    with open_slide(info["image_path"], mpp=mpp) as slide:
-        extract_spot_features(slide, centres, ids, encoder, out, patch_um=step_um, out_px=224, progress=False)
-    with h5py.File(out, "r") as f:
-        return np.asarray(f["features"], dtype=np.float32).reshape(len(xy), len(offs), -1)
+    return spot_features(sample.adata, encoder, patch_um=112.0, out_px=224, subpatch_grid=grid,
+                         cache_path=cache / f"{sample.sample_id}_grid{grid}.h5", progress=False)
 
 
 def main() -> None:
