@@ -233,11 +233,15 @@ def test_fit_and_predict_run_folder_with_sub_patch_features(tmp_path, one_torch_
     test = str(tmp_path / "cohort" / f"{cohort.slides[2].slide_id}.h5ad")
     common = ["--reference", str(tmp_path / "protos.h5ad"), "--epochs", "2", "--no-progress",
               "--context-rings", "1", "--patch-um", "112"]
-    assert main(["fit", "--h5ad", *h5, "--features", str(tmp_path / "sub"), *common,
+    assert main(["fit", "--h5ad", *h5, "--features", str(tmp_path / "sub"), *common, "--subpatch-grid", "1",
                  "--out", str(tmp_path / "bad")]) != 0
     assert "holds 4 sub-patches per spot" in capsys.readouterr().err
-    assert main(["fit", "--h5ad", *h5, "--features", str(tmp_path / "sub"), *common, "--subpatch-grid", "2",
+    # no grid asked for: the feature files decide
+    assert main(["fit", "--h5ad", *h5, "--features", str(tmp_path / "sub"), *common,
                  "--out", str(tmp_path / "run")]) == 0
+    import json
+
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["options"]["features"]["subpatch_grid"] == 2
     model = cpnn.CPNN.load(tmp_path / "run" / "model.cpnn")
     assert model.encoder["subpatch_grid"] == 2 and model.scaler.in_dim == 32  # sub-patch + ring mean
     assert main(["predict", str(tmp_path / "run"), "--h5ad", test, "--features", str(tmp_path / "sub"),
@@ -249,3 +253,31 @@ def test_fit_and_predict_run_folder_with_sub_patch_features(tmp_path, one_torch_
     assert main(["predict", str(tmp_path / "run"), "--h5ad", test, "--features", str(tmp_path / "one"),
                  "--out", str(tmp_path / "p2.h5ad"), "--no-progress"]) != 0
     assert "holds one patch per spot" in capsys.readouterr().err
+    # one patch per spot (e.g. CLAM/TRIDENT files) trains a one-patch model
+    assert main(["fit", "--h5ad", *h5, "--features", str(tmp_path / "one"), *common,
+                 "--out", str(tmp_path / "run1")]) == 0
+    assert cpnn.CPNN.load(tmp_path / "run1" / "model.cpnn").encoder["subpatch_grid"] == 1
+
+
+def test_fit_defaults_choose_the_grid():
+    from types import SimpleNamespace
+
+    from cpnn.workflows.fit import FitOptions, resolve_subpatch_grid
+
+    base = dict(reference="r.h5ad", label=None, batch=None, prototype_method=None, genes=None, n_top_genes=None,
+                level=None, seed=None, encoder=None, patch_um=None, tta=None, context_rings=None,
+                subpatch_grid=None, features=None, epochs=None)
+
+    def grid(cfg=None, features_dir=None, **over):
+        opts = FitOptions.from_sources(cfg or {}, SimpleNamespace(**{**base, **over}))
+        resolve_subpatch_grid(opts, features_dir)
+        return opts.features.subpatch_grid
+
+    assert grid() == 2  # spots extracted: 2 x 2 sub-patches
+    assert grid(features_dir="dir") is None  # the feature files decide
+    assert grid(level="bulk") == 1
+    assert grid({"features": {"subpatch_grid": 3}}, features_dir="dir") == 3
+    assert grid(subpatch_grid=1) == 1
+    opts = FitOptions(reference="r.h5ad")  # Python: the same rules
+    resolve_subpatch_grid(opts)
+    assert opts.features.subpatch_grid == 2

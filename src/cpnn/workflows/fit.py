@@ -25,12 +25,17 @@ from .spatial import FeatureSpec, SpatialSample, attach_features, fit_spot_model
 # BENCHMARKS.md) and the synthetic cohort, never on a test fold: a small MLP head; MSE on
 # log1p CP10k (the scale every method is scored on; the paper's NB loss trained for 1-3
 # epochs there); the paper's composition and template weights; four ensemble members, each
-# early-stopped on a different training section; the first ring of neighbours as context.
+# early-stopped on a different training section; the first ring of neighbours as context;
+# each spot a bag of 2 x 2 sub-patches (56 µm at 224 px): one mixture per sub-patch, which
+# lifted CPNN's expression and maps and the baselines given the same sub-patches (one
+# setting tried, on those sections; BENCHMARKS.md). With --features DIR and no explicit
+# grid, the feature files decide (a CLAM/TRIDENT file of one patch per spot: grid 1).
 SPOT_MODEL_DEFAULTS = dict(hidden=[256], dropout=0.25, loss="mse_log1p", composition_weight=1e3,
                            template_weight=1e3)
 SPOT_TRAIN_DEFAULTS = dict(max_epochs=200, batch_size=64, lr=1e-3, weight_decay=1e-2, patience=30,
                            early_stopping="val_pcc", n_models=4, val_fraction=0.25)
-SPOT_FEATURE_DEFAULTS = dict(context_rings=1.0)
+SPOT_FEATURE_DEFAULTS = dict(context_rings=1.0, subpatch_grid=None)  # None: see resolve_subpatch_grid
+SPOT_SUBPATCH_GRID = 2
 
 
 @dataclass
@@ -89,6 +94,14 @@ class FitOptions:
         d["model"] = config_to_dict(self.model_config())
         d["train"] = config_to_dict(self.train_config())
         return d
+
+
+def resolve_subpatch_grid(opts: FitOptions, features_dir=None) -> None:
+    """Fill an unset (None) ``opts.features.subpatch_grid``: left unset with ``features_dir``
+    (the feature files decide, see ``attach_features``); :data:`SPOT_SUBPATCH_GRID` when
+    spots are extracted; 1 at ``--level bulk`` (its bags were measured with one patch per tile)."""
+    if opts.features.subpatch_grid is None and features_dir is None:
+        opts.features.subpatch_grid = SPOT_SUBPATCH_GRID if opts.level == "spot" else 1
 
 
 def read_gene_list(path, field: str = "--genes") -> List[str]:
@@ -152,9 +165,13 @@ def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_
     if main_process:
         protos.save(out / "prototypes.h5ad")
     t_protos = time.perf_counter() - t0
+    resolve_subpatch_grid(opts, features_dir)
     attach_features(samples, opts.features, cache_dir=out / "features", features_dir=features_dir,
                     progress=progress)
     t_feats = time.perf_counter() - t0 - t_protos
+    if main_process and features_dir is not None:  # the grid the feature files decided
+        write_json(out / "config.json", {"cpnn_version": __version__, "options": opts.as_dict(),
+                                         "samples": [s.sample_id for s in samples]})
     if opts.level == "spot":
         model = fit_spot_model(samples, protos, opts.model_config(), opts.train_config(progress),
                                encoder=opts.features.as_dict())

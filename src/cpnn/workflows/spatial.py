@@ -21,7 +21,8 @@ class FeatureSpec:
     """How patch features are made: encoder, physical patch size, resampled size, TTA,
     spatial context (``context_rings`` spot pitches of neighbours averaged and appended;
     0 = the spot's own patch only) and sub-patches (``subpatch_grid`` g > 1: each spot a
-    bag of g x g sub-patches of ``patch_um / g`` microns, each resampled to ``out_px``)."""
+    bag of g x g sub-patches of ``patch_um / g`` microns, each resampled to ``out_px``;
+    None: whatever precomputed feature files hold, set by :func:`attach_features`)."""
 
     encoder: str = "efficientnet-lite0"
     patch_um: float = 112.0
@@ -29,7 +30,7 @@ class FeatureSpec:
     tta: str = "none"
     batch_size: int = 32
     context_rings: float = 0.0
-    subpatch_grid: int = 1
+    subpatch_grid: Optional[int] = 1
 
     def as_dict(self) -> Dict[str, Any]:
         return {"name": self.encoder, "patch_um": self.patch_um, "out_px": self.out_px, "tta": self.tta,
@@ -124,16 +125,24 @@ def attach_features(
     progress: bool = True,
 ) -> None:
     """Fill ``sample.features``: read from ``features_dir/{sample}.h5`` or extract (cached),
-    then append the spatial context when ``spec.context_rings > 0``."""
+    then append the spatial context when ``spec.context_rings > 0``.
+
+    With ``features_dir`` and ``spec.subpatch_grid`` None, the first file's grid is taken
+    (and written into ``spec``); every file must then match it."""
     from .context import context_features
 
     encoder = None
     for s in samples:
         if features_dir is not None:
             s.features = read_features_for(s, Path(features_dir))
+            if spec.subpatch_grid is None:
+                spec.subpatch_grid = feature_grid(s.features, Path(features_dir) / f"{s.sample_id}.h5")
             check_feature_grid(s.features, spec.subpatch_grid, Path(features_dir) / f"{s.sample_id}.h5")
             s.features = context_features(s.features, s.adata.obsm[SPATIAL], spec.context_rings)
             continue
+        if spec.subpatch_grid is None:
+            raise CPNNInputError("the sub-patch grid is unset and there are no feature files to take it from",
+                                 field="subpatch_grid", fix="set subpatch_grid (e.g. 2, or 1 for one patch per spot)")
         if encoder is None:
             from ..encoders import create_encoder
 
@@ -145,6 +154,18 @@ def attach_features(
                                    cache_path=cache, tta=spec.tta, batch_size=spec.batch_size, progress=progress,
                                    subpatch_grid=spec.subpatch_grid)
         s.features = context_features(s.features, s.adata.obsm[SPATIAL], spec.context_rings)
+
+
+def feature_grid(features: np.ndarray, path=None) -> int:
+    """The sub-patch grid of spot features: 1 for ``(N, D)``, ``g`` for ``(N, g * g, D)``."""
+    if np.ndim(features) != 3:
+        return 1
+    k = int(features.shape[1])
+    g = int(round(np.sqrt(k)))
+    if g * g != k:
+        raise CPNNInputError(f"the feature file holds {k} sub-patches per spot, not a square grid", path=path,
+                             field="ids", fix="store g x g sub-patches per spot, ids '{spot}#0' ... '{spot}#(g*g-1)'")
+    return g
 
 
 def check_feature_grid(features: np.ndarray, grid: int, path=None) -> None:
