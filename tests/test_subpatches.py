@@ -281,3 +281,24 @@ def test_fit_defaults_choose_the_grid():
     opts = FitOptions(reference="r.h5ad")  # Python: the same rules
     resolve_subpatch_grid(opts)
     assert opts.features.subpatch_grid == 2
+
+
+def test_real_her2st_spots_as_sub_patch_bags(data_dir, tmp_path, one_torch_thread):
+    """Three real HER2ST C2 spots: 2 x 2 EfficientNet-Lite0 sub-patches of 56 um each, in a
+    resumable file whose rows are the sub-patches, read back as the same bags."""
+    from cpnn.data import read_her2st
+    from cpnn.encoders import create_encoder
+    from cpnn.workflows.spatial import SpatialSample, read_features_for
+
+    c2 = read_her2st(data_dir / "her2st", ["C2"])["C2"][:3].copy()
+    enc = create_encoder("efficientnet-lite0")
+    (tmp_path / "f").mkdir()
+    feats = spot_features(c2, enc, patch_um=112.0, out_px=224, subpatch_grid=2, progress=False,
+                          cache_path=tmp_path / "f" / "C2.h5")
+    assert feats.shape == (3, 4, 1280) and np.isfinite(feats).all()
+    # four different pieces of tissue per spot, not one patch repeated
+    assert np.abs(feats[:, 1:] - feats[:, :1]).max(axis=2).min() > 1e-3
+    ff = read_feature_file(tmp_path / "f" / "C2.h5")
+    assert len(ff) == 12 and ff.ids[:4] == [f"{c2.obs_names[0]}#{j}" for j in range(4)]
+    assert ff.attrs["patch_um"] == pytest.approx(56.0) and ff.attrs["patch_size_px"] == 224
+    np.testing.assert_array_equal(read_features_for(SpatialSample("C2", c2), tmp_path / "f"), feats)
