@@ -250,6 +250,23 @@ def test_fit_and_predict_run_folder_with_sub_patch_features(tmp_path, one_torch_
     n = read_spatial_h5ad(test).n_obs
     assert pred.shape == (n, len(model.genes)) and pred.obsm["cpnn_weights"].shape == (n, 3)
     np.testing.assert_allclose(pred.obsm["cpnn_weights"].sum(1), 1.0, rtol=1e-5)
+    # every sub-patch's own mixture, and where it lies: the spot's weights are their mean
+    sub = pred.obsm["cpnn_subpatch_weights"]
+    assert sub.shape == (n, 4, 3)
+    np.testing.assert_allclose(sub.mean(1), pred.obsm["cpnn_weights"], rtol=1e-5, atol=1e-6)
+    layout = pred.uns["cpnn"]["subpatches"]
+    mpp = float(read_spatial_h5ad(test).uns["cpnn_input"]["mpp"])
+    side = 112.0 / 2 / mpp
+    assert layout["grid"] == 2 and layout["side_fullres"] == pytest.approx(side)
+    np.testing.assert_allclose(layout["offsets_fullres"], [[-side / 2, -side / 2], [side / 2, -side / 2],
+                                                           [-side / 2, side / 2], [side / 2, side / 2]])
+    from cpnn.plot.maps import read_prediction, subpatch_view
+
+    view = subpatch_view(pred, read_prediction(pred))
+    assert view.weights.shape == (4 * n, 3) and view.size_px == pytest.approx(side)
+    np.testing.assert_allclose(view.xy[1] - pred.obsm["spatial"][0], [side / 2, -side / 2])
+    assert main(["plot", str(tmp_path / "pred.h5ad"), "--out", str(tmp_path / "figs"), "--dpi", "40"]) == 0
+    assert (tmp_path / "figs" / "celltype_weights_subpatches.png").stat().st_size > 1000
     assert main(["predict", str(tmp_path / "run"), "--h5ad", test, "--features", str(tmp_path / "one"),
                  "--out", str(tmp_path / "p2.h5ad"), "--no-progress"]) != 0
     assert "holds one patch per spot" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 # obsm
 SPATIAL = "spatial"  # (x, y) in full-resolution (level-0) pixels
 WEIGHTS = "cpnn_weights"  # observations x cell types, rows sum to 1
+SUBPATCH_WEIGHTS = "cpnn_subpatch_weights"  # spots x sub-patches x cell types (spots as sub-patch bags)
 TRUE_PROPORTIONS = "true_proportions"  # synthetic ground truth (obs x types)
 
 # varm

@@ -9,6 +9,8 @@ prediction: ``X`` log1p CP10k, ``obsm['spatial']`` (x, y) full-resolution pixels
 Spots are drawn as true-size circles; tiles (``uns['cpnn']['level']`` ``'tile'`` or
 ``'slide'``, as :func:`cpnn.workflows.wsi.predict_slide` writes) and very
 large spot sets are rasterised onto a grid, so a 50,000-tile slide renders in seconds.
+Spots predicted as bags of sub-patches (``obsm['cpnn_subpatch_weights']``) also get a map
+of every sub-patch, drawn as squares where it lies inside its spot.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from .._constants import COUNTS, PROTOTYPES, SPATIAL, UNS, WEIGHTS
+from .._constants import COUNTS, PROTOTYPES, SPATIAL, SUBPATCH_WEIGHTS, UNS, WEIGHTS
 from ..errors import CPNNInputError
 from .spatial import add_scale_bar, use_agg
 
@@ -127,6 +129,24 @@ def read_prediction(pred, where: str = "prediction") -> PredictionView:
     raster = level == "tile" or len(xy) >= RASTER_MIN_OBS
     title = str(info.get("sample_id") or lib or "")
     return PredictionView(xy, weights, types, image, scale, size, mpp, level, raster, title)
+
+
+def subpatch_view(pred, view: PredictionView) -> Optional[PredictionView]:
+    """The sub-patches of a spot prediction as their own observations (squares at their
+    place in the spot), or None when the prediction has no sub-patch weights or layout."""
+    if SUBPATCH_WEIGHTS not in pred.obsm:
+        return None
+    layout = dict(dict(pred.uns.get(UNS, {})).get("subpatches", {}))
+    if "offsets_fullres" not in layout or "side_fullres" not in layout:
+        return None
+    sub = np.asarray(pred.obsm[SUBPATCH_WEIGHTS], dtype=np.float64)
+    offsets = np.asarray(layout["offsets_fullres"], dtype=np.float64)
+    if sub.ndim != 3 or sub.shape[1] != len(offsets) or sub.shape[2] != len(view.cell_types):
+        raise CPNNInputError(f"obsm['{SUBPATCH_WEIGHTS}'] has shape {sub.shape}, expected (n_obs, "
+                             f"{len(offsets)}, {len(view.cell_types)})", field=f"obsm['{SUBPATCH_WEIGHTS}']")
+    xy = (view.xy[:, None, :] + offsets[None]).reshape(-1, 2)
+    return PredictionView(xy, sub.reshape(-1, sub.shape[2]), view.cell_types, view.image, view.image_scale,
+                          float(layout["side_fullres"]), view.mpp, "sub-patch", True, view.title)
 
 
 def _library(adata):
@@ -360,7 +380,8 @@ def plot_weights(view: PredictionView, path: Path, max_types: Optional[int] = No
         ax.set_title(f"{view.cell_types[k]} (mean {w.mean():.2f})", fontsize=9)
         _colorbar(fig, ax, m, "weight")
     _scale_bar(axes.ravel()[0], view)
-    fig.suptitle(f"{view.title} — CPNN cell-type weights ({view.level}s; colour scale 0 to the 99th percentile "
+    plural = {"sub-patch": "sub-patches of each spot"}.get(view.level, f"{view.level}s")
+    fig.suptitle(f"{view.title} — CPNN cell-type weights ({plural}; colour scale 0 to the 99th percentile "
                  "of each type)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path, dpi)
@@ -490,7 +511,8 @@ def plot_prediction(
     Returns
     -------
     dict
-        ``{"celltype_weights", "dominant_type", "genes", "drivers", "drivers_table"}`` -> path.
+        ``{"celltype_weights", "dominant_type", "genes", "drivers", "drivers_table"}`` -> path,
+        and ``"celltype_weights_subpatches"`` for spots predicted as bags of sub-patches.
         ``drivers.tsv`` holds the shares plotted in ``drivers.png``; both are skipped (with a
         warning) when the file has no ``varm['cpnn_prototypes']``.
 
@@ -512,6 +534,10 @@ def plot_prediction(
         "dominant_type": plot_dominant(view, out / "dominant_type.png", dpi=dpi),
         "genes": plot_genes(adata, view, genes, out / "genes.png", dpi=dpi),
     }
+    sub = subpatch_view(adata, view)
+    if sub is not None:
+        paths["celltype_weights_subpatches"] = plot_weights(sub, out / "celltype_weights_subpatches.png",
+                                                            max_types=max_types, dpi=dpi)
     if PROTOTYPES not in adata.varm:
         import warnings
 

@@ -110,6 +110,13 @@ def check_subpatch_grid(grid: Any) -> int:
     return g
 
 
+def subpatch_offsets(side: float, grid: int) -> np.ndarray:
+    """``(grid * grid, 2)`` (dx, dy) of the sub-patch centres from the centre of a square of
+    ``side`` (any unit), row-major: left to right, then top to bottom."""
+    rel = (np.arange(grid) + 0.5) * (float(side) / grid) - float(side) / 2.0
+    return np.array([[dx, dy] for dy in rel for dx in rel], dtype=np.float64)
+
+
 def subpatch_centres(centers_xy: np.ndarray, ids, patch_um: float, grid: int, slide):
     """Centres and ids of the ``grid x grid`` sub-patches tiling each spot's square.
 
@@ -132,9 +139,7 @@ def subpatch_centres(centers_xy: np.ndarray, ids, patch_um: float, grid: int, sl
     (numpy.ndarray, list of str)
         ``(N * grid * grid, 2)`` centres, spot after spot, row-major within a spot; their ids.
     """
-    step = float(patch_um) / grid / float(slide.mpp)
-    rel = (np.arange(grid) + 0.5) * step - float(patch_um) / 2.0 / float(slide.mpp)
-    offsets = np.array([[dx, dy] for dy in rel for dx in rel])
+    offsets = subpatch_offsets(float(patch_um) / float(slide.mpp), grid)
     out = (np.asarray(centers_xy, dtype=np.float64)[:, None, :] + offsets[None]).reshape(-1, 2)
     w, h = slide.dimensions
     np.clip(out[:, 0], 0, w - 1, out=out[:, 0])

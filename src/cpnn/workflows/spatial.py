@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .._constants import PROTOTYPES, SECTION, SPATIAL, UNS, UNS_INPUT, WEIGHTS
+from .._constants import PROTOTYPES, SECTION, SPATIAL, SUBPATCH_WEIGHTS, UNS, UNS_INPUT, WEIGHTS
 from ..errors import CPNNInputError
 
 
@@ -295,7 +295,8 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
 
     from ..model.cpnn_model import per_observation
 
-    out = per_observation(model.predict(sample.features), sample.features)
+    raw = model.predict(sample.features)
+    out = per_observation(raw, sample.features)
     a = sample.adata
     obs = pd.DataFrame(index=pd.Index([str(o) for o in a.obs_names], name="spot"))
     for col in (SECTION, "patient"):
@@ -308,6 +309,9 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
                       var=pd.DataFrame(index=pd.Index(model.genes, name="gene")))
     pred.obsm[SPATIAL] = np.asarray(a.obsm[SPATIAL], dtype=np.float64)
     pred.obsm[WEIGHTS] = weights.astype(np.float32)
+    if np.ndim(sample.features) == 3:
+        n, k = sample.features.shape[:2]
+        pred.obsm[SUBPATCH_WEIGHTS] = raw["weights"].reshape(n, k, -1).astype(np.float32)
     pred.varm[PROTOTYPES] = model.prototype_matrix().T.astype(np.float32)
     present = [g for g in model.genes if g in set(map(str, a.var_names))]
     if len(present) == len(model.genes):
@@ -323,8 +327,27 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
         "prototypes": {k: str(v) for k, v in model.prototype_provenance.items() if k in ("method", "label_key")},
         "sample_id": sample.sample_id,
     }
+    if SUBPATCH_WEIGHTS in pred.obsm:
+        pred.uns[UNS]["subpatches"] = _subpatch_layout(pred.obsm[SUBPATCH_WEIGHTS].shape[1], model.encoder,
+                                                       info.get("mpp"))
     _add_spatial_image(pred, sample.sample_id, info, image_max_px)
     return pred
+
+
+def _subpatch_layout(k: int, encoder: Dict[str, Any], mpp) -> Dict[str, Any]:
+    """Where sub-patch ``j`` of a spot lies: ``offsets_fullres`` (k, 2) from the spot centre
+    and ``side_fullres``, in full-resolution pixels (row-major, as extracted); without
+    ``mpp`` or the model's ``patch_um`` only the grid is known."""
+    grid = int(round(np.sqrt(k)))
+    layout: Dict[str, Any] = {"grid": grid, "order": "row-major: left to right, then top to bottom"}
+    patch_um = (encoder or {}).get("patch_um")
+    if mpp and patch_um:
+        from .features import subpatch_offsets
+
+        square = float(patch_um) / float(mpp)
+        layout["offsets_fullres"] = subpatch_offsets(square, grid)
+        layout["side_fullres"] = square / grid
+    return layout
 
 
 def _add_spatial_image(pred, library_id: str, info: Dict[str, Any], max_px: int) -> None:
