@@ -16,21 +16,14 @@ from cpnn.workflows.context import context_features
 from cpnn.workflows.features import spot_features, subpatch_centres
 
 
-class _Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 4, 5, stride=2)
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        y = torch.relu(self.conv(x))
-        return torch.cat([y.mean((2, 3)), y.amax((2, 3))], dim=1)
-
-
 def _encoder():
-    return Encoder("tiny", _Tiny(), dim=8, input_px=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    """A cheap deterministic CNN encoder; ``.calls`` counts its forward passes."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())
+    net.calls = 0
+    net.register_forward_hook(lambda module, args, out: setattr(module, "calls", module.calls + 1))
+    return Encoder("tiny", net, dim=8, input_px=32, mean=(0.5,) * 3, std=(0.25,) * 3)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +58,7 @@ def test_subpatch_features_equal_separately_encoded_sub_patches(slide, tmp_path)
     enc = _encoder()
     feats = spot_features(adata, enc, slide=slide, patch_um=40.0, out_px=32, subpatch_grid=2, progress=False,
                           cache_path=tmp_path / "sub.h5")
-    assert feats.shape == (3, 4, 8)
+    assert feats.shape == (3, 4, 8) and enc.model.calls > 0
     # reference: each sub-patch as its own 20 um "spot"
     centres, ids = subpatch_centres(adata.obsm["spatial"], list(adata.obs_names), 40.0, 2, slide)
     ref = spot_features(_spots(centres), _encoder(), slide=slide, patch_um=20.0, out_px=32, progress=False)
