@@ -27,7 +27,8 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--context-rings", type=float, default=None,
                    help="append the mean feature of neighbours within this many spot pitches (0: none)")
     f.add_argument("--subpatch-grid", type=int, default=None,
-                   help="encode each spot as a bag of G x G sub-patches of patch-um/G microns (default 1: one patch)")
+                   help="fit: each spot a bag of G x G sub-patches of patch-um/G microns (default 2; 1: one "
+                        "patch; with --features the files decide); predict uses the model's")
 
 
 def load_yaml(path) -> Dict[str, Any]:
