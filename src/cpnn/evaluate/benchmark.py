@@ -102,6 +102,9 @@ def resolve_config(cfg: Dict[str, Any], data_dir: Optional[str] = None) -> Dict[
     gnames = [g.get("name") for g in out["gene_sets"]]
     if any(not n for n in gnames) or len(set(gnames)) != len(gnames):
         raise CPNNInputError(f"every gene set needs a unique name (got {gnames})", field="gene_sets[].name")
+    from ..workflows.features import check_subpatch_grid
+
+    out["features"]["subpatch_grid"] = check_subpatch_grid(out["features"].get("subpatch_grid") or 1)
     return out
 
 
@@ -196,7 +199,7 @@ def _attach_raw(samples, feat: Dict[str, Any], progress: bool) -> None:
     if feat.get("features_dir"):
         for s in samples:
             s.features = read_features_for(s, Path(feat["features_dir"]))
-            check_feature_grid(s.features, int(feat.get("subpatch_grid", 1) or 1),
+            check_feature_grid(s.features, feat.get("subpatch_grid", 1),
                                Path(feat["features_dir"]) / f"{s.sample_id}.h5")
         return
     from ..encoders import create_encoder
@@ -211,7 +214,7 @@ def _attach_raw(samples, feat: Dict[str, Any], progress: bool) -> None:
             encoder = create_encoder(feat.get("encoder", "efficientnet-lite0"))
         s.features = spot_features(s.adata, encoder, patch_um=float(feat.get("patch_um", 112.0)),
                                    out_px=feat.get("out_px"), cache_path=cache, tta=feat.get("tta", "none"),
-                                   progress=progress, subpatch_grid=int(feat.get("subpatch_grid", 1) or 1))
+                                   progress=progress, subpatch_grid=feat.get("subpatch_grid", 1))
 
 
 def _cache_name(feat: Dict[str, Any], sample_id: str) -> str:
@@ -219,7 +222,7 @@ def _cache_name(feat: Dict[str, Any], sample_id: str) -> str:
     filled; sub-patch features get a ``_grid{g}`` suffix unless the pattern names ``{grid}``
     (so that one cache folder can hold both kinds)."""
     pattern = feat.get("file_pattern", "{sample}.h5")
-    grid = int(feat.get("subpatch_grid", 1) or 1)
+    grid = feat.get("subpatch_grid", 1)
     name = pattern.format(sample=sample_id, tta=feat.get("tta", "none"), grid=grid)
     if grid > 1 and "{grid}" not in pattern:
         stem, dot, ext = name.rpartition(".")
@@ -243,7 +246,7 @@ def _synthetic_samples(d: Dict[str, Any], feat: Dict[str, Any], progress: bool):
         f = spot_features(sl.spots, encoder, slide=ArraySlide(sl.image, cohort.mpp),
                           patch_um=float(feat.get("patch_um", 100.0)), out_px=feat.get("out_px"),
                           cache_path=cache, tta=feat.get("tta", "none"), progress=progress,
-                          subpatch_grid=int(feat.get("subpatch_grid", 1) or 1))
+                          subpatch_grid=feat.get("subpatch_grid", 1))
         samples.append(SpatialSample(sl.slide_id, sl.spots, f, meta={"image": sl.image}))
     return samples, cohort.reference
 
@@ -304,6 +307,7 @@ class _PrototypeCache:
         self._qc = None
         self._protos: Dict[tuple, Any] = {}
         self._dec: Dict[tuple, Any] = {}
+        self._parents: Dict[tuple, Dict[str, str]] = {}
         self.seconds = 0.0
 
     def qc_reference(self):
@@ -362,11 +366,14 @@ class _PrototypeCache:
         """
         if not label or not parent or label == parent:
             return {}
-        ref = self.qc_reference()
-        if label not in ref.obs or parent not in ref.obs:
-            return {}
-        pairs = pd.crosstab(ref.obs[label].astype(str), ref.obs[parent].astype(str))
-        return {str(child): str(row.idxmax()) for child, row in pairs.iterrows()}
+        if (label, parent) not in self._parents:  # asked once per method, fold and gene set
+            ref = self.qc_reference()
+            if label not in ref.obs or parent not in ref.obs:
+                self._parents[label, parent] = {}
+            else:
+                pairs = pd.crosstab(ref.obs[label].astype(str), ref.obs[parent].astype(str))
+                self._parents[label, parent] = {str(child): str(row.idxmax()) for child, row in pairs.iterrows()}
+        return self._parents[label, parent]
 
     def deconvolution(self, key: tuple, protos, counts: np.ndarray, **kw):
         from ..prototypes import deconvolve

@@ -241,26 +241,24 @@ class CPNN:
 
         import dataclasses
 
+        from ..train.validation import carve_validation
+
         train_cpnn = _trainer()
         self.modules, self.train_results = [], []
         members = []
         for member in range(self.train_config.n_models):
-            train_idx, val_idx = self._carve_validation(data.n_bags, groups, val_bags, member)
+            train_idx, val_idx = carve_validation(data.n_bags, self.train_config, groups, val_bags, member)
             members.append({"train": train_idx.tolist(), "val": val_idx.tolist()})
             seed = self.train_config.seed + member
-            module = self._build_module(data.features.shape[1], seed)
             balance = self._composition_balance(data.targets, train_idx)
-            if balance is not None:
-                module.composition_type_weights.copy_(balance)
+            module = self._new_member(data.features.shape[1], seed, balance)
             tc = dataclasses.replace(self.train_config, seed=seed)
             val = data.subset(val_idx) if len(val_idx) else None
             result = train_cpnn(module, data.subset(train_idx), val, self.config, tc)
             if self.train_config.refit and val is not None:
                 # same initialisation, every training bag, the epochs validation chose
                 members[-1]["refit_epochs"] = int(result.best_epoch) + 1
-                module = self._build_module(data.features.shape[1], seed)
-                if balance is not None:
-                    module.composition_type_weights.copy_(balance)
+                module = self._new_member(data.features.shape[1], seed, balance)
                 train_cpnn(module, data, None, self.config,
                            dataclasses.replace(tc, max_epochs=int(result.best_epoch) + 1, early_stopping="none"))
             self.train_results.append(result)
@@ -269,6 +267,13 @@ class CPNN:
         if len(members) > 1:
             self.split["members"] = members
         return self
+
+    def _new_member(self, in_dim: int, seed: int, balance=None):
+        """A freshly initialised ensemble member (``seed``) with its composition type weights."""
+        module = self._build_module(in_dim, seed)
+        if balance is not None:
+            module.composition_type_weights.copy_(balance)
+        return module
 
     def _composition_balance(self, targets: Optional[np.ndarray], train_idx: np.ndarray):
         """Inverse-variance type weights (mean 1) from the training bags' targets, or None."""
@@ -303,13 +308,6 @@ class CPNN:
             raise CPNNInputError("composition targets must be finite and non-negative", field="composition_targets")
         sums = arr.sum(axis=1, keepdims=True)
         return arr / np.where(sums > 0, sums, 1)
-
-    def _carve_validation(self, n: int, groups, val_bags, member: int = 0):
-        """Training and validation indices for ensemble member ``member``
-        (:func:`cpnn.train.validation.carve_validation`)."""
-        from ..train.validation import carve_validation
-
-        return carve_validation(n, self.train_config, groups, val_bags, member)
 
     # ------------------------------------------------------------------ inference
     def _check_fitted(self) -> None:

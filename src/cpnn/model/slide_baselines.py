@@ -36,11 +36,9 @@ def log1p_cp10k(counts: np.ndarray) -> np.ndarray:
 
 def mean_gene_pearson(pred: np.ndarray, true: np.ndarray) -> float:
     """Mean over genes of Pearson across rows (genes constant on either side skipped)."""
-    x = pred - pred.mean(0)
-    y = true - true.mean(0)
-    den = np.sqrt((x * x).sum(0) * (y * y).sum(0))
-    ok = den > 1e-12
-    return float(((x * y).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
+    from ..train.loop import mean_column_pearson
+
+    return mean_column_pearson(pred, true)
 
 
 def _bags_from_list(bags) -> "Any":

@@ -108,15 +108,15 @@ def predict_bags(
 def _mean_gene_pearson(pred_comp: np.ndarray, counts: np.ndarray) -> float:
     """Mean over genes of Pearson across bags, on log1p CP10k (constant genes skipped)."""
     tot = counts.sum(axis=1, keepdims=True)
-    return _mean_column_pearson(np.log1p(pred_comp * 1e4), np.log1p(counts / np.maximum(tot, 1e-12) * 1e4))
+    return mean_column_pearson(np.asarray(np.log1p(pred_comp * 1e4), np.float64),
+                               np.asarray(np.log1p(counts / np.maximum(tot, 1e-12) * 1e4), np.float64))
 
 
-def _mean_column_pearson(pred: np.ndarray, true: np.ndarray) -> float:
-    """Mean over columns of Pearson across rows (columns constant on either side skipped)."""
-    x = np.asarray(pred, np.float64)
-    y = np.asarray(true, np.float64)
-    x = x - x.mean(0)
-    y = y - y.mean(0)
+def mean_column_pearson(pred: np.ndarray, true: np.ndarray) -> float:
+    """Mean over columns of Pearson across rows (columns constant on either side skipped),
+    in the arrays' own precision."""
+    x = pred - pred.mean(0)
+    y = true - true.mean(0)
     den = np.sqrt((x * x).sum(0) * (y * y).sum(0))
     ok = den > 1e-12
     return float(((x * y).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
@@ -133,7 +133,8 @@ def validation_metrics(module, bag_expr: np.ndarray, bag_weights: np.ndarray, da
     metrics["val_pcc"] = _mean_gene_pearson(bag_expr, data.counts)
     metrics["val_loss"] = metrics.pop("val_total")
     if data.targets is not None:
-        metrics["val_comp_r"] = _mean_column_pearson(bag_weights, data.targets)
+        metrics["val_comp_r"] = mean_column_pearson(np.asarray(bag_weights, np.float64),
+                                                    np.asarray(data.targets, np.float64))
         metrics["val_pcc_comp"] = metrics["val_pcc"] + (0.0 if math.isnan(metrics["val_comp_r"])
                                                         else metrics["val_comp_r"])
     else:

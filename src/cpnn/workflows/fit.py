@@ -12,9 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
-
-
 from .. import __version__
 from ..config import CPNNConfig, TrainConfig, config_from_dict, config_to_dict
 from ..errors import CPNNInputError
@@ -157,8 +154,7 @@ def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_
     seed_everything(opts.seed)
     out.mkdir(parents=True, exist_ok=True)
     if main_process:
-        write_json(out / "config.json", {"cpnn_version": __version__, "options": opts.as_dict(),
-                                         "samples": [s.sample_id for s in samples]})
+        _write_config(out, opts, samples)
     panel = read_gene_list(opts.genes_file) if opts.genes_file else None
     genes = target_genes(samples, panel=panel, n_top=None if panel else opts.n_top_genes)
     protos = load_or_build_prototypes(opts, genes)
@@ -169,9 +165,8 @@ def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_
     attach_features(samples, opts.features, cache_dir=out / "features", features_dir=features_dir,
                     progress=progress)
     t_feats = time.perf_counter() - t0 - t_protos
-    if main_process and features_dir is not None:  # the grid the feature files decided
-        write_json(out / "config.json", {"cpnn_version": __version__, "options": opts.as_dict(),
-                                         "samples": [s.sample_id for s in samples]})
+    if main_process and features_dir is not None:  # again, with the grid the feature files decided
+        _write_config(out, opts, samples)
     if opts.level == "spot":
         model = fit_spot_model(samples, protos, opts.model_config(), opts.train_config(progress),
                                encoder=opts.features.as_dict())
@@ -200,6 +195,11 @@ def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_
     return model
 
 
+def _write_config(out: Path, opts: FitOptions, samples: Sequence[SpatialSample]) -> None:
+    write_json(out / "config.json", {"cpnn_version": __version__, "options": opts.as_dict(),
+                                     "samples": [s.sample_id for s in samples]})
+
+
 def load_run_model(run: Path):
     """The model of a run folder (or a model file)."""
     from ..model import CPNN
@@ -226,12 +226,12 @@ def run_predict(run: Path, samples: List[SpatialSample], out: Path, features_dir
             from ..model.cpnn_model import check_encoder
 
             attrs = s.meta.get("feature_attrs", {})
-            # a sub-patch file records its sub-patches' side; the model, the spot's square
-            grid = int(round(np.sqrt(s.features.shape[1]))) if np.ndim(s.features) == 3 else 1
+            # a sub-patch file records its sub-patches' side, the model the spot's square
+            # (attach_features has checked the file's grid against the model's)
             patch_um = attrs.get("patch_um")
             check_encoder(enc, {"name": attrs.get("encoder"), "out_px": attrs.get("patch_size_px"),
-                                "patch_um": None if patch_um is None else float(patch_um) * grid,
-                                "tta": attrs.get("tta"), "subpatch_grid": grid},
+                                "patch_um": None if patch_um is None else float(patch_um) * spec.subpatch_grid,
+                                "tta": attrs.get("tta")},
                           Path(features_dir) / f"{s.sample_id}.h5")
         pred = prediction_anndata(model, s)
         target = out / f"{s.sample_id}.h5ad" if several else out
