@@ -237,3 +237,33 @@ def test_cpnn_fit_under_torchrun_matches_one_process(cohort_run, tmp_path):
     b = predict_spatial(two, cohort_run["sections"]["S04"], f)
     np.testing.assert_allclose(b.X, a.X, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(b.obsm["cpnn_weights"], a.obsm["cpnn_weights"], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_cpnn_fit_and_predict_on_held_out_real_her2st_section(data_dir, tmp_path, one_torch_thread):
+    """The `cpnn fit` / `cpnn predict` functions on real HER2ST spots with the package
+    defaults (EfficientNet-Lite0, 2 x 2 sub-patches, context): the held-out C6 prediction
+    file has every key, against the section it came from."""
+    from cpnn.data import read_her2st
+    from cpnn.prototypes import read_reference
+    from cpnn.workflows.fit import FitOptions, read_gene_list, run_fit, run_predict
+    from cpnn.workflows.spatial import SpatialSample
+
+    secs = read_her2st(data_dir / "her2st", ["C2", "C3", "C6"])
+    panel = [g for g in read_gene_list(data_dir / "her2st" / "her2st_785_genes.txt")
+             if all(g in set(a.var_names) for a in secs.values())][:40]
+    (tmp_path / "genes.txt").write_text("\n".join(panel))
+    ref = read_reference(data_dir / "reference" / "wu2021_CID4465.h5ad", "celltype_major")
+    cpnn.build_prototypes(ref, "celltype_major", method="naive", genes=panel).save(tmp_path / "protos.h5ad")
+    # a few spots per section keep extraction to seconds; the whole images are still read
+    train = [SpatialSample(s, secs[s][:25].copy()) for s in ("C2", "C3")]
+    opts = FitOptions(reference=str(tmp_path / "protos.h5ad"), genes_file=str(tmp_path / "genes.txt"))
+    opts.train.update(max_epochs=2)
+    model = run_fit(train, opts, tmp_path / "run", progress=False)
+    assert model.encoder["subpatch_grid"] == 2 and model.encoder["context_rings"] == 1.0
+    c6 = secs["C6"][:20].copy()
+    run_predict(tmp_path / "run", [SpatialSample("C6", c6)], tmp_path / "C6.h5ad", progress=False)
+    back = ad.read_h5ad(tmp_path / "C6.h5ad")
+    check_prediction(back, cpnn.CPNN.load(tmp_path / "run" / "model.cpnn"), c6)
+    assert list(back.obs_names) == list(c6.obs_names)
+    assert back.obsm["cpnn_subpatch_weights"].shape == (20, 4, len(model.cell_types))
