@@ -11,6 +11,7 @@ PROTOTYPES = "cpnn_prototypes"  # genes x cell types
 
 # layers
 COUNTS = "counts"
+MIXTURE_LAYER = "cpnn_mixture"  # predicted log1p CP10k of the cell-type mixture alone (residual head on)
 
 # uns
 UNS = "cpnn"  # parameters, cell-type names, provenance

@@ -89,6 +89,9 @@ def register(sub) -> None:
     p.add_argument("--genes", default=None, help="gene panel file (one symbol per line); default: top expressed")
     p.add_argument("--n-top-genes", type=int, default=None, help="without --genes: the N most expressed (default 1000)")
     p.add_argument("--level", choices=["spot", "bulk"], default=None, help="spot supervision or pseudo-bulk bags")
+    p.add_argument("--residual-head", choices=["none", "ridge"], default=None,
+                   help="cell-state term on top of the cell-type mixture, kept only when inner "
+                        "cross-validation over training sections says it helps (spot level)")
     p.add_argument("--config", default=None, help="YAML with sections model/train/features/prototypes")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None, help="max epochs")

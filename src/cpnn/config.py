@@ -14,6 +14,7 @@ LOSSES = ("nb", "poisson", "mse_log1p", "pearson")
 LEVELS = ("spot", "bulk")
 EARLY_STOPPING = ("val_loss", "val_pcc", "val_pcc_comp", "none")
 FEATURE_SCALING = ("robust", "standard", "none")
+RESIDUAL_HEADS = ("none", "ridge")
 
 
 @dataclass
@@ -54,6 +55,13 @@ class CPNNConfig:
     input_pca
         Project the scaled features on their first ``input_pca`` principal components
         (fitted on the training features) before the MLP; 0 keeps every dimension.
+    residual_head
+        ``"none"`` (expression is the cell-type mixture only) or ``"ridge"``: after
+        training, a ridge map from a spot's features to what the mixture leaves
+        unexplained on log1p CP10k (cell states shared across types), kept only when
+        inner cross-validation over the training groups says it improves the prediction
+        (:class:`cpnn.model.residual.ResidualHead`). Spot level only; the cell-type
+        weights are never changed by it.
     """
 
     hidden: Tuple[int, ...] = (1024, 512)
@@ -67,11 +75,13 @@ class CPNNConfig:
     feature_scaling: str = "robust"
     input_pca: int = 0
     composition_balance: bool = False
+    residual_head: str = "none"
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("feature_scaling", self.feature_scaling, FEATURE_SCALING)
+        _check_choice("residual_head", self.residual_head, RESIDUAL_HEADS)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.input_pca < 0:

@@ -103,7 +103,7 @@ def list_methods() -> List[str]:
 # --------------------------------------------------------------------------- CPNN
 CPNN_SHORTCUTS = ("loss", "gene_factors", "learn_prototypes", "normalise_prototypes", "hidden", "dropout",
                   "composition_weight", "template_weight", "feature_scaling", "input_pca",
-                  "composition_balance")
+                  "composition_balance", "residual_head")
 
 
 def cpnn_configs(options: Dict[str, Any], seed: int, progress: bool = False):
@@ -195,7 +195,9 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
         expression=np.log1p(scored * 1e4),
         weights=out["weights"], cell_types=list(model.cell_types),
         info={"best_epoch": tr.best_epoch, "epochs_run": tr.epochs_run, "criterion": tr.criterion,
-              "n_cell_types": len(model.cell_types), "n_model_genes": len(model.genes), "fit_seconds": round(time.perf_counter() - t0, 1)},
+              "n_cell_types": len(model.cell_types), "n_model_genes": len(model.genes),
+              "residual_alpha": None if model.residual is None else model.residual.alpha_,
+              "fit_seconds": round(time.perf_counter() - t0, 1)},
     )
 
 

@@ -112,6 +112,7 @@ class CPNN:
         self.scaler: Optional[FeatureScaler] = None
         self.log_platform_factor: Optional[np.ndarray] = None
         self.split: Dict[str, list] = {}
+        self.residual = None  # ResidualHead when config.residual_head == "ridge"
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -222,6 +223,11 @@ class CPNN:
             ``self``, trained, with the best validation epoch's weights.
         """
         data = self._as_bags(features, bags)
+        if self.config.residual_head != "none" and int(data.sizes.max()) > 1 and np.ndim(features) != 3:
+            raise CPNNInputError(
+                "residual_head applies to spot-level models (one patch or one bag of sub-patches per spot); "
+                "these bags look like slides", field="config.residual_head",
+                fix="train slide-level models with residual_head='none'")
         y = _dense_counts(counts, self.genes)
         if y.shape[0] != data.n_bags:
             raise CPNNInputError(f"{y.shape[0]} count rows for {data.n_bags} bags of features", field="counts",
@@ -266,7 +272,22 @@ class CPNN:
         self.split = dict(members[0])
         if len(members) > 1:
             self.split["members"] = members
+        self.residual = None
+        if self.config.residual_head == "ridge":
+            self.residual = self._fit_residual(data, y, groups)
         return self
+
+    def _fit_residual(self, data, counts: np.ndarray, groups):
+        """The residual head on every training spot: bag-mean scaled features ->
+        observed minus mixture log1p CP10k (see :mod:`cpnn.model.residual`)."""
+        from ..train.loop import predict_bags
+        from .residual import ResidualHead
+
+        mix = np.mean([predict_bags(m, data, device=self.train_config.device, return_patch_outputs=False)["bag_expr"]
+                       for m in self.modules], axis=0)
+        observed = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
+        return ResidualHead(seed=self.train_config.seed).fit(
+            _bag_means(data), np.log1p(mix.astype(np.float64) * 1e4), observed, groups)
 
     def _new_member(self, in_dim: int, seed: int, balance=None):
         """A freshly initialised ensemble member (``seed``) with its composition type weights."""
@@ -347,10 +368,27 @@ class CPNN:
 
         outs = [predict_bags(m, data, chunk_patches=chunk_patches, device=self.train_config.device)
                 for m in self.modules]
-        if len(outs) == 1:
-            return outs[0]
         # members' compositions and weights are averaged (still compositions / simplices)
-        return {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in outs[0]}
+        out = outs[0] if len(outs) == 1 else {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32)
+                                              for k in outs[0]}
+        if self.residual is not None and self.residual.active:
+            self._apply_residual(out, data, sub_patch_bags=np.ndim(features) == 3)
+        return out
+
+    def _apply_residual(self, out: Dict[str, np.ndarray], data, sub_patch_bags: bool) -> None:
+        """Add the residual head's cell-state term (in place); the mixture-only
+        expressions stay available as ``*_mixture``. Sub-patch bags are corrected per
+        spot from their mean features; otherwise every patch is a spot-sized unit,
+        corrected from its own features, and a bag's expression is the mean of its
+        patches'."""
+        if sub_patch_bags:
+            out["bag_expr_mixture"] = out["bag_expr"]
+            out["bag_expr"] = _add_log_residual(out["bag_expr"], self.residual.predict(_bag_means(data)))
+            return
+        out["spot_expr_mixture"], out["bag_expr_mixture"] = out["spot_expr"], out["bag_expr"]
+        out["spot_expr"] = _add_log_residual(out["spot_expr"], self.residual.predict(data.features))
+        bag_sum = np.add.reduceat(out["spot_expr"].astype(np.float64), data.offsets[:-1], axis=0)
+        out["bag_expr"] = (bag_sum / bag_sum.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def prototype_matrix(self) -> np.ndarray:
         """``(K, G)`` prototypes exactly as the trained network mixes them.
@@ -395,6 +433,9 @@ class CPNN:
             "best_epoch": int(self.train_result.best_epoch) if self.train_result else -1,
             "member_best_epochs": [int(r.best_epoch) for r in self.train_results],
             "split": self.split,
+            "residual_head": None if self.residual is None else {
+                k: torch.from_numpy(v) if isinstance(v, np.ndarray) else _jsonable(v)
+                for k, v in self.residual.to_dict().items()},
         }
         return write_model_file(path, payload)
 
@@ -437,6 +478,11 @@ class CPNN:
             module.eval()
             model.modules.append(module)
         model.split = payload.get("split", {})
+        if payload.get("residual_head") is not None:
+            from .residual import ResidualHead
+
+            model.residual = ResidualHead.from_dict(
+                {k: v.numpy() if hasattr(v, "numpy") else v for k, v in payload["residual_head"].items()})
         from ..train.loop import TrainResult
 
         bests = payload.get("member_best_epochs") or [payload.get("best_epoch", -1)]
@@ -461,12 +507,32 @@ def _trainer():
     return train_cpnn
 
 
+def _bag_means(data) -> np.ndarray:
+    """``(B, D)`` mean feature row of every bag."""
+    sums = np.add.reduceat(data.features.astype(np.float64), data.offsets[:-1], axis=0)
+    return sums / np.maximum(data.sizes, 1)[:, None]
+
+
+def _add_log_residual(composition: np.ndarray, residual: np.ndarray) -> np.ndarray:
+    """``composition`` moved by ``residual`` on log1p CP10k, returned as a composition."""
+    log = np.log1p(np.asarray(composition, np.float64) * 1e4) + residual
+    expr = np.clip(np.expm1(log), 0.0, None)
+    return (expr / np.maximum(expr.sum(axis=1, keepdims=True), 1e-300)).astype(np.float32)
+
+
 def per_observation(outputs: Dict[str, np.ndarray], features) -> Dict[str, np.ndarray]:
     """``expression`` and ``weights`` per observation from :meth:`CPNN.predict` outputs:
-    the bag outputs when ``features`` were ``(N, k, D)`` sub-patch bags, else the patches'."""
+    the bag outputs when ``features`` were ``(N, k, D)`` sub-patch bags, else the patches'.
+    With an active residual head, ``mixture`` is the expression of the cell-type mixture alone."""
     if np.ndim(features) == 3:
-        return {"expression": outputs["bag_expr"], "weights": outputs["bag_weights"]}
-    return {"expression": outputs["spot_expr"], "weights": outputs["weights"]}
+        out = {"expression": outputs["bag_expr"], "weights": outputs["bag_weights"]}
+        mixture = outputs.get("bag_expr_mixture")
+    else:
+        out = {"expression": outputs["spot_expr"], "weights": outputs["weights"]}
+        mixture = outputs.get("spot_expr_mixture")
+    if mixture is not None:
+        out["mixture"] = mixture
+    return out
 
 
 def check_encoder(saved: Dict[str, Any], given: Union[None, str, Dict[str, Any]], path=None) -> None:

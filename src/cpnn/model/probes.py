@@ -87,18 +87,7 @@ class RidgeProbe:
         return self
 
     def _inner_cv(self, x, y, grid, groups) -> float:
-        n = len(x)
-        if groups is not None and len(np.unique(groups)) >= 2:
-            g = np.asarray(groups)
-            uniq = np.unique(g)
-            folds = [np.isin(g, chunk) for chunk in np.array_split(uniq, min(self.n_inner_folds, len(uniq)))]
-        else:
-            perm = np.random.default_rng(self.seed).permutation(n)
-            folds = []
-            for chunk in np.array_split(perm, self.n_inner_folds):
-                m = np.zeros(n, bool)
-                m[chunk] = True
-                folds.append(m)
+        folds = inner_folds(len(x), groups, self.n_inner_folds, self.seed)
         scores = np.zeros(len(grid))
         for test_mask in folds:
             tr = ~test_mask
@@ -115,6 +104,22 @@ class RidgeProbe:
         """``(N, G)`` predicted targets."""
         p = self._project(np.asarray(features, dtype=np.float64), self.mean_, self.std_, self.components_)
         return p @ self.coef_ + self.intercept_
+
+
+def inner_folds(n: int, groups: Optional[Sequence], n_folds: int, seed: int = 0) -> list:
+    """Boolean test masks of an inner cross-validation over ``n`` rows: whole groups per
+    fold when there are at least two groups, else a seeded random split."""
+    if groups is not None and len(np.unique(groups)) >= 2:
+        g = np.asarray(groups)
+        uniq = np.unique(g)
+        return [np.isin(g, chunk) for chunk in np.array_split(uniq, min(n_folds, len(uniq)))]
+    perm = np.random.default_rng(seed).permutation(n)
+    folds = []
+    for chunk in np.array_split(perm, n_folds):
+        m = np.zeros(n, bool)
+        m[chunk] = True
+        folds.append(m)
+    return folds
 
 
 def _mean_pearson(pred: np.ndarray, true: np.ndarray) -> float:

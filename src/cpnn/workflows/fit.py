@@ -28,7 +28,7 @@ from .spatial import FeatureSpec, SpatialSample, attach_features, fit_spot_model
 # setting tried, on those sections; BENCHMARKS.md). With --features DIR and no explicit
 # grid, the feature files decide (a CLAM/TRIDENT file of one patch per spot: grid 1).
 SPOT_MODEL_DEFAULTS = dict(hidden=[256], dropout=0.25, loss="mse_log1p", composition_weight=1e3,
-                           template_weight=1e3)
+                           template_weight=1e3, residual_head="ridge")
 SPOT_TRAIN_DEFAULTS = dict(max_epochs=200, batch_size=64, lr=1e-3, weight_decay=1e-2, patience=30,
                            early_stopping="val_pcc", n_models=4, val_fraction=0.25)
 SPOT_FEATURE_DEFAULTS = dict(context_rings=1.0, subpatch_grid=None)  # None: see resolve_subpatch_grid
@@ -73,6 +73,11 @@ class FitOptions:
                 feat[key] = getattr(args, flag)
         opts.features = FeatureSpec(**{**SPOT_FEATURE_DEFAULTS, **feat})
         opts.model.update(cfg.get("model", {}))
+        if getattr(args, "residual_head", None) is not None:
+            if args.residual_head != "none" and opts.level == "bulk":
+                raise CPNNInputError("--residual-head applies to spot-level models, not --level bulk",
+                                     field="--residual-head", fix="drop --residual-head, or train at spot level")
+            opts.model["residual_head"] = args.residual_head
         opts.train.update(cfg.get("train", {}))
         opts.pseudobulk.update(cfg.get("pseudobulk", {}))
         if getattr(args, "epochs", None):
@@ -81,7 +86,10 @@ class FitOptions:
         return opts
 
     def model_config(self) -> CPNNConfig:
-        return config_from_dict(CPNNConfig, self.model)
+        model = dict(self.model)
+        if self.level == "bulk":  # the residual head is a spot-level term (pseudo-bulk bags are slides)
+            model["residual_head"] = "none"
+        return config_from_dict(CPNNConfig, model)
 
     def train_config(self, progress: bool = True) -> TrainConfig:
         return config_from_dict(TrainConfig, {**self.train, "progress": progress})

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .._constants import PROTOTYPES, SECTION, SPATIAL, SUBPATCH_WEIGHTS, UNS, UNS_INPUT, WEIGHTS
+from .._constants import MIXTURE_LAYER, PROTOTYPES, SECTION, SPATIAL, SUBPATCH_WEIGHTS, UNS, UNS_INPUT, WEIGHTS
 from ..errors import CPNNInputError
 
 
@@ -288,7 +288,9 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
     ``obsm['spatial']`` (x, y) full-res pixels; ``varm['cpnn_prototypes']`` the learnt
     prototypes as the network mixes them (genes x types, see ``CPNN.prototype_matrix``); ``uns['cpnn']`` names and provenance; ``uns['spatial'][library_id]`` a
     downsampled image with scale factors; ``layers['counts']`` the measured counts of the
-    model's genes when the input has them.
+    model's genes when the input has them; with an active residual head,
+    ``layers['cpnn_mixture']`` the cell-type mixture's expression alone (``X`` adds the
+    cell-state term).
     """
     import anndata as ad
     import pandas as pd
@@ -312,6 +314,8 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
     if np.ndim(sample.features) == 3:
         n, k = sample.features.shape[:2]
         pred.obsm[SUBPATCH_WEIGHTS] = raw["weights"].reshape(n, k, -1).astype(np.float32)
+    if "mixture" in out:  # residual head on: X = mixture + cell-state term
+        pred.layers[MIXTURE_LAYER] = np.log1p(out["mixture"] * 1e4).astype(np.float32)
     pred.varm[PROTOTYPES] = model.prototype_matrix().T.astype(np.float32)
     present = [g for g in model.genes if g in set(map(str, a.var_names))]
     if len(present) == len(model.genes):
@@ -327,6 +331,9 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
         "prototypes": {k: str(v) for k, v in model.prototype_provenance.items() if k in ("method", "label_key")},
         "sample_id": sample.sample_id,
     }
+    if model.residual is not None:
+        pred.uns[UNS]["residual_head"] = {"active": bool(model.residual.active),
+                                          "alpha": model.residual.alpha_ if model.residual.active else "off"}
     if SUBPATCH_WEIGHTS in pred.obsm:
         pred.uns[UNS]["subpatches"] = _subpatch_layout(pred.obsm[SUBPATCH_WEIGHTS].shape[1], model.encoder,
                                                        info.get("mpp"))

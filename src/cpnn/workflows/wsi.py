@@ -11,7 +11,7 @@ from typing import Dict, Iterable, Optional, Union
 
 import numpy as np
 
-from .._constants import SPATIAL, UNS, WEIGHTS
+from .._constants import MIXTURE_LAYER, SPATIAL, UNS, WEIGHTS
 from ..errors import CPNNInputError
 
 
@@ -179,6 +179,8 @@ def predict_slide(model, slide_path: Union[str, os.PathLike], mpp: Optional[floa
                        var=pd.DataFrame(index=pd.Index(model.genes, name="gene")))
     adata.obsm[SPATIAL] = coords + side / 2.0
     adata.obsm[WEIGHTS] = pred["weights"].astype(np.float32)
+    if "spot_expr_mixture" in pred:  # residual head on: X = mixture + cell-state term
+        adata.layers[MIXTURE_LAYER] = np.log1p(pred["spot_expr_mixture"] * 1e4).astype(np.float32)
     sid = facts["slide_id"]
     adata.uns[UNS] = {
         "cell_types": list(model.cell_types),

@@ -1,0 +1,166 @@
+"""The residual (cell-state) head: on when a shared program is visible, harmless when not."""
+import numpy as np
+import pytest
+
+from cpnn.config import CPNNConfig, TrainConfig
+from cpnn.errors import CPNNInputError
+from cpnn.evaluate import expression_metrics, to_log1p_cp10k
+from cpnn.model import CPNN
+from cpnn.model.cpnn_model import _add_log_residual, _bag_means
+from cpnn.model.residual import ResidualHead
+
+from conftest import SimplePrototypes
+
+N_STATE_GENES = 10
+
+
+@pytest.fixture(scope="module")
+def state_problem():
+    """Like the toy problem, plus a state every type shares: genes 0-9 scale with exp(s),
+    and s is visible in two feature dimensions. Four groups of 100 spots."""
+    rng = np.random.default_rng(1)
+    k, g, d, n = 4, 60, 16, 400
+    t0 = rng.gamma(0.5, 2.0, size=(k, g)) + 0.01
+    t0 = t0 / t0.sum(1, keepdims=True) * 1e4
+    p = rng.dirichlet(np.ones(k) * 0.7, size=n)
+    state = rng.normal(size=n)
+    feats = np.concatenate([p @ rng.normal(size=(k, d)) + 0.2 * rng.normal(size=(n, d)),
+                            state[:, None] + 0.2 * rng.normal(size=(n, 2))], axis=1)
+    mean = p @ t0
+    mean[:, :N_STATE_GENES] *= np.exp(1.0 * state)[:, None]
+    mean = mean / mean.sum(1, keepdims=True) * rng.uniform(2000, 6000, size=(n, 1))
+    counts = rng.negative_binomial(5, 5 / (5 + mean)).astype(np.float32)
+    protos = SimplePrototypes(t0, [f"type{i}" for i in range(k)], [f"G{i}" for i in range(g)])
+    return {"features": feats.astype(np.float32), "counts": counts, "proportions": p, "prototypes": protos,
+            "groups": np.repeat(np.arange(4), 100)}
+
+
+def _fit(problem, head, features=None):
+    model = CPNN(problem["prototypes"], CPNNConfig(hidden=(64,), residual_head=head),
+                 TrainConfig(max_epochs=40, batch_size=32, patience=10, progress=False, seed=0))
+    feats = problem["features"] if features is None else features
+    groups = problem.get("groups", np.repeat(np.arange(4), 100))
+    model.fit(feats[:300], problem["counts"][:300], composition_targets=problem["proportions"][:300],
+              groups=groups[:300])
+    return model
+
+
+def _pcc(expr, counts, genes=slice(None)):
+    return expression_metrics(np.log1p(expr[:, genes] * 1e4), to_log1p_cp10k(counts)[:, genes])["pcc_mean"]
+
+
+def test_head_recovers_a_shared_state_and_leaves_weights_alone(state_problem):
+    plain = _fit(state_problem, "none")
+    with_head = _fit(state_problem, "ridge")
+    assert plain.residual is None and with_head.residual.active
+    test_x, test_y = state_problem["features"][300:], state_problem["counts"][300:]
+    a, b = plain.predict(test_x), with_head.predict(test_x)
+    np.testing.assert_array_equal(a["weights"], b["weights"])  # the head never touches the weights
+    np.testing.assert_array_equal(a["spot_expr"], b["spot_expr_mixture"])
+    state_genes = slice(0, N_STATE_GENES)
+    before, after = _pcc(a["spot_expr"], test_y, state_genes), _pcc(b["spot_expr"], test_y, state_genes)
+    assert after > before + 0.2, (before, after)  # held-out group, state genes
+    assert _pcc(b["spot_expr"], test_y) > _pcc(a["spot_expr"], test_y)
+    np.testing.assert_allclose(b["spot_expr"].sum(1), 1.0, rtol=1e-5)
+    # a reference computation of the correction
+    scaled = with_head.scaler.transform(test_x)
+    ref = np.log1p(a["spot_expr"].astype(np.float64) * 1e4) + with_head.residual.predict(scaled)
+    ref = np.clip(np.expm1(ref), 0, None)
+    np.testing.assert_allclose(b["spot_expr"], ref / ref.sum(1, keepdims=True), rtol=1e-4, atol=1e-9)
+
+
+def test_head_is_harmless_without_a_state(toy_problem):
+    # no shared program: the head stays off or changes held-out correlation very little
+    plain, with_head = _fit(toy_problem, "none"), _fit(toy_problem, "ridge")
+    test_x, test_y = toy_problem["features"][300:], toy_problem["counts"][300:]
+    before = _pcc(plain.predict(test_x)["spot_expr"], test_y)
+    after = _pcc(with_head.predict(test_x)["spot_expr"], test_y)
+    assert after > before - 0.01, (before, after, with_head.residual.cv_scores_)
+
+
+def test_head_stays_off_on_pure_noise():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 12))
+    base = rng.normal(size=(200, 30))
+    observed = base + rng.normal(size=(200, 30))  # residual unrelated to the features
+    head = ResidualHead(n_components=8).fit(x, base, observed, groups=np.repeat(np.arange(4), 50))
+    if head.active:  # a near-constant correction at most
+        assert head.predict(x).std(axis=0).max() < 0.05 * observed.std()
+    assert "off" in head.cv_scores_
+
+
+def test_head_round_trips_through_the_model_file(state_problem, tmp_path):
+    model = _fit(state_problem, "ridge")
+    again = CPNN.load(model.save(tmp_path / "m.cpnn"))
+    assert again.residual.active and again.residual.alpha_ == model.residual.alpha_
+    a, b = model.predict(state_problem["features"][300:]), again.predict(state_problem["features"][300:])
+    assert set(a) == set(b)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_sub_patch_bags_are_corrected_per_spot_from_their_mean(state_problem):
+    rng = np.random.default_rng(2)
+    base = state_problem["features"]
+    bags = np.stack([base + 0.05 * rng.normal(size=base.shape).astype(np.float32) for _ in range(4)], axis=1)
+    model = _fit(state_problem, "ridge", features=bags)
+    assert model.residual.active
+    out = model.predict(bags[300:])
+    scaled = model.scaler.transform(bags[300:].reshape(-1, bags.shape[2])).reshape(100, 4, -1)
+    np.testing.assert_allclose(_bag_means(model._as_bags(scaled)), scaled.mean(1), rtol=1e-5, atol=1e-6)
+    expected = _add_log_residual(out["bag_expr_mixture"], model.residual.predict(scaled.mean(1)))
+    np.testing.assert_allclose(out["bag_expr"], expected, rtol=1e-5, atol=1e-8)
+    assert out["spot_expr"].shape == (400, 60)  # sub-patch outputs stay the mixture's
+
+
+def test_head_refuses_slide_level_bags(toy_problem):
+    model = CPNN(toy_problem["prototypes"], CPNNConfig(hidden=(16,), residual_head="ridge"),
+                 TrainConfig(max_epochs=1, progress=False))
+    with pytest.raises(CPNNInputError, match="spot-level"):
+        model.fit(toy_problem["features"][:300], toy_problem["counts"][:30], bags=np.arange(0, 301, 10),
+                  composition_targets=None)
+    with pytest.raises(ValueError, match="residual_head"):
+        CPNNConfig(residual_head="mlp")
+
+
+def test_prediction_file_keeps_the_mixture_alone(state_problem, tmp_path):
+    import anndata as ad
+
+    from cpnn.api import predict_spatial
+
+    model = _fit(state_problem, "ridge")
+    counts = state_problem["counts"][300:]
+    section = ad.AnnData(X=counts, var={"gene": model.genes})
+    section.var_names = model.genes
+    section.obs_names = [f"s{i}" for i in range(len(counts))]
+    section.obsm["spatial"] = np.stack(np.meshgrid(np.arange(10), np.arange(10)), -1).reshape(-1, 2) * 200.0
+    pred = predict_spatial(model, section, state_problem["features"][300:], sample_id="held_out")
+    raw = model.predict(state_problem["features"][300:])
+    np.testing.assert_allclose(pred.X, np.log1p(raw["spot_expr"] * 1e4), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pred.layers["cpnn_mixture"], np.log1p(raw["spot_expr_mixture"] * 1e4),
+                               rtol=1e-5, atol=1e-6)
+    assert pred.uns["cpnn"]["residual_head"] == {"active": True, "alpha": model.residual.alpha_}
+    pred.write_h5ad(tmp_path / "p.h5ad")
+    back = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert "cpnn_mixture" in back.layers and bool(back.uns["cpnn"]["residual_head"]["active"])
+
+
+def test_cli_defaults_turn_the_head_on_at_spot_level_only():
+    from types import SimpleNamespace
+
+    from cpnn.workflows.fit import FitOptions
+
+    base = dict(reference="r.h5ad", label=None, batch=None, prototype_method=None, genes=None, n_top_genes=None,
+                level=None, seed=None, encoder=None, patch_um=None, tta=None, context_rings=None,
+                subpatch_grid=None, features=None, epochs=None, residual_head=None)
+
+    def head(cfg=None, **over):
+        return FitOptions.from_sources(cfg or {}, SimpleNamespace(**{**base, **over})).model_config().residual_head
+
+    assert head() == "ridge"
+    assert head(residual_head="none") == "none"
+    assert head({"model": {"residual_head": "none"}}) == "none"
+    assert head(level="bulk") == "none"  # pseudo-bulk bags are slides: the head is spot-level
+    with pytest.raises(CPNNInputError, match="spot-level"):
+        head(level="bulk", residual_head="ridge")
+    assert FitOptions(reference="r.h5ad").model_config().residual_head == "ridge"
