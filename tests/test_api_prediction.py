@@ -267,3 +267,6 @@ def test_cpnn_fit_and_predict_on_held_out_real_her2st_section(data_dir, tmp_path
     check_prediction(back, cpnn.CPNN.load(tmp_path / "run" / "model.cpnn"), c6)
     assert list(back.obs_names) == list(c6.obs_names)
     assert back.obsm["cpnn_subpatch_weights"].shape == (20, 4, len(model.cell_types))
+    head = back.uns["cpnn"]["residual_head"]  # the spot default: on or off as inner CV chose
+    assert model.residual is not None and bool(head["active"]) == model.residual.active
+    assert ("cpnn_mixture" in back.layers) == model.residual.active

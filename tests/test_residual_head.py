@@ -164,3 +164,31 @@ def test_cli_defaults_turn_the_head_on_at_spot_level_only():
     with pytest.raises(CPNNInputError, match="spot-level"):
         head(level="bulk", residual_head="ridge")
     assert FitOptions(reference="r.h5ad").model_config().residual_head == "ridge"
+
+
+@pytest.mark.parametrize("patients, expected", [(["P1", "P1", "P2", "P2"], "patients"), (["P1"] * 4, "sections")])
+def test_head_holds_out_patients_when_there_are_several(state_problem, monkeypatch, patients, expected):
+    import anndata as ad
+
+    from cpnn.model import residual
+    from cpnn.workflows.spatial import SpatialSample, fit_spot_model
+
+    seen = {}
+    original = residual.ResidualHead.fit
+
+    def spy(self, features, mixture_log, observed_log, groups=None):
+        seen["groups"] = np.asarray(groups)
+        return original(self, features, mixture_log, observed_log, groups)
+
+    monkeypatch.setattr(residual.ResidualHead, "fit", spy)
+    samples = []
+    for i in range(4):
+        rows = slice(100 * i, 100 * (i + 1))
+        a = ad.AnnData(X=state_problem["counts"][rows])
+        a.var_names = list(state_problem["prototypes"].genes)
+        a.obs["patient"] = patients[i]
+        samples.append(SpatialSample(f"S{i}", a, state_problem["features"][rows]))
+    fit_spot_model(samples, state_problem["prototypes"], CPNNConfig(hidden=(16,), residual_head="ridge"),
+                   TrainConfig(max_epochs=2, progress=False), composition_targets=None)
+    want = np.repeat(patients, 100) if expected == "patients" else np.repeat([f"S{i}" for i in range(4)], 100)
+    np.testing.assert_array_equal(seen["groups"], want)

@@ -191,6 +191,7 @@ class CPNN:
         groups: Optional[Sequence] = None,
         val_bags: Optional[Sequence[int]] = None,
         deconvolution_kwargs: Optional[Dict[str, Any]] = None,
+        residual_groups: Optional[Sequence] = None,
     ) -> "CPNN":
         """Train on bags of patch features with one count vector per bag.
 
@@ -216,6 +217,10 @@ class CPNN:
             Explicit indices of the validation bags (overrides the automatic carve).
         deconvolution_kwargs
             Passed to :func:`cpnn.prototypes.deconvolve`.
+        residual_groups
+            Groups held out together by the residual head's inner cross-validation
+            (default ``groups``); pass patients when the training data has several, so
+            that the head is kept only if it carries to new patients.
 
         Returns
         -------
@@ -274,7 +279,7 @@ class CPNN:
             self.split["members"] = members
         self.residual = None
         if self.config.residual_head == "ridge":
-            self.residual = self._fit_residual(data, y, groups)
+            self.residual = self._fit_residual(data, y, groups if residual_groups is None else residual_groups)
         return self
 
     def _fit_residual(self, data, counts: np.ndarray, groups):

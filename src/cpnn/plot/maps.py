@@ -176,7 +176,9 @@ def driver_shares(pred, genes: Optional[Sequence[str]] = None) -> pd.DataFrame:
 
     ``share_kg = mean_i(p_ik) T_kg / sum_k' mean_i(p_ik') T_k'g`` with ``p`` the weights in
     ``obsm['cpnn_weights']`` and ``T`` the prototypes in ``varm['cpnn_prototypes']``
-    (genes x types): the decomposition of the mean of ``p_i @ T`` over observations.
+    (genes x types): the decomposition of the mean of ``p_i @ T`` over observations. With
+    a residual head the shares are those of the mixture part (``layers['cpnn_mixture']``);
+    the cell-state term belongs to no type.
 
     Parameters
     ----------

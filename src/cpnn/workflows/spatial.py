@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .._constants import MIXTURE_LAYER, PROTOTYPES, SECTION, SPATIAL, SUBPATCH_WEIGHTS, UNS, UNS_INPUT, WEIGHTS
+from .._constants import MIXTURE_LAYER, PATIENT, PROTOTYPES, SECTION, SPATIAL, SUBPATCH_WEIGHTS, UNS, UNS_INPUT, WEIGHTS
 from ..errors import CPNNInputError
 
 
@@ -267,16 +267,23 @@ def fit_spot_model(
     encoder: Optional[Dict[str, Any]] = None,
     composition_targets="deconvolve",
 ):
-    """Train CPNN on the spots of ``samples`` (validation carved by section)."""
+    """Train CPNN on the spots of ``samples`` (validation carved by section; the residual
+    head's inner cross-validation by patient when ``obs['patient']`` names at least two)."""
     from ..model import CPNN
 
     genes = list(prototypes.genes)
     x = np.concatenate([s.features for s in samples])
     y = np.concatenate([counts_matrix(s.adata, genes) for s in samples])
     groups = np.concatenate([[s.sample_id] * s.adata.n_obs for s in samples])
+    patients = None
+    if all(PATIENT in s.adata.obs for s in samples):
+        patients = np.concatenate([s.adata.obs[PATIENT].astype(str).to_numpy() for s in samples])
+        if len(np.unique(patients)) < 2:
+            patients = None
     keep = y.sum(1) > 0
     model = CPNN(prototypes, config, train_config, encoder=encoder)
-    model.fit(x[keep], y[keep], groups=groups[keep], composition_targets=composition_targets)
+    model.fit(x[keep], y[keep], groups=groups[keep], composition_targets=composition_targets,
+              residual_groups=None if patients is None else patients[keep])
     return model
 
 
