@@ -270,3 +270,7 @@ def test_cpnn_fit_and_predict_on_held_out_real_her2st_section(data_dir, tmp_path
     head = back.uns["cpnn"]["residual_head"]  # the spot default: on or off as inner CV chose
     assert model.residual is not None and bool(head["active"]) == model.residual.active
     assert ("cpnn_mixture" in back.layers) == model.residual.active
+    import json
+
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())["residual_head"]
+    assert record["active"] == model.residual.active and "off" in record["inner_cv_pearson"]

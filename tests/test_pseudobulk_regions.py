@@ -141,7 +141,8 @@ def test_run_fit_level_bulk_then_ordinary_predict(tmp_path):
     assert model.encoder["level"] == "bulk" and model.encoder["training"]["sections"] == ["S0", "S1"]
     import json
 
-    assert json.loads((run / "metrics.json").read_text())["level"] == "bulk"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["level"] == "bulk" and metrics["residual_head"] is None  # a spot-level term only
     held_out = [SpatialSample("S2", samples[2].adata)]
     pred = run_predict(run, held_out, tmp_path / "pred.h5ad", features_dir=feats, progress=False)[0]
     assert pred.n_obs == samples[2].adata.n_obs and pred.obsm["cpnn_weights"].shape[1] == 3
