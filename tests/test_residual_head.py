@@ -6,7 +6,7 @@ from cpnn.config import CPNNConfig, TrainConfig
 from cpnn.errors import CPNNInputError
 from cpnn.evaluate import expression_metrics, to_log1p_cp10k
 from cpnn.model import CPNN
-from cpnn.model.cpnn_model import _add_log_residual, _bag_means
+from cpnn.model.cpnn_model import _add_log_residual
 from cpnn.model.residual import ResidualHead
 
 from conftest import SimplePrototypes
@@ -107,7 +107,7 @@ def test_sub_patch_bags_are_corrected_per_spot_from_their_mean(state_problem):
     assert model.residual.active
     out = model.predict(bags[300:])
     scaled = model.scaler.transform(bags[300:].reshape(-1, bags.shape[2])).reshape(100, 4, -1)
-    np.testing.assert_allclose(_bag_means(model._as_bags(scaled)), scaled.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model._as_bags(scaled).bag_means(), scaled.mean(1), rtol=1e-5, atol=1e-6)
     expected = _add_log_residual(out["bag_expr_mixture"], model.residual.predict(scaled.mean(1)))
     np.testing.assert_allclose(out["bag_expr"], expected, rtol=1e-5, atol=1e-8)
     assert out["spot_expr"].shape == (400, 60)  # sub-patch outputs stay the mixture's

@@ -285,14 +285,12 @@ class CPNN:
     def _fit_residual(self, data, counts: np.ndarray, groups):
         """The residual head on every training spot: bag-mean scaled features ->
         observed minus mixture log1p CP10k (see :mod:`cpnn.model.residual`)."""
-        from ..train.loop import predict_bags
+        from ..evaluate.metrics import to_log1p_cp10k
         from .residual import ResidualHead
 
-        mix = np.mean([predict_bags(m, data, device=self.train_config.device, return_patch_outputs=False)["bag_expr"]
-                       for m in self.modules], axis=0)
-        observed = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
+        mix = self._ensemble_outputs(data, return_patch_outputs=False)["bag_expr"]
         return ResidualHead(seed=self.train_config.seed).fit(
-            _bag_means(data), np.log1p(mix.astype(np.float64) * 1e4), observed, groups)
+            data.bag_means(), np.log1p(mix.astype(np.float64) * 1e4), to_log1p_cp10k(counts), groups)
 
     def _new_member(self, in_dim: int, seed: int, balance=None):
         """A freshly initialised ensemble member (``seed``) with its composition type weights."""
@@ -369,16 +367,21 @@ class CPNN:
                 field="features", fix="extract features with the encoder the model was trained with",
             )
         data.features = self.scaler.transform(data.features)
-        from ..train.loop import predict_bags
-
-        outs = [predict_bags(m, data, chunk_patches=chunk_patches, device=self.train_config.device)
-                for m in self.modules]
-        # members' compositions and weights are averaged (still compositions / simplices)
-        out = outs[0] if len(outs) == 1 else {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32)
-                                              for k in outs[0]}
+        out = self._ensemble_outputs(data, chunk_patches)
         if self.residual is not None and self.residual.active:
             self._apply_residual(out, data, sub_patch_bags=np.ndim(features) == 3)
         return out
+
+    def _ensemble_outputs(self, data, chunk_patches: int = 16384, return_patch_outputs: bool = True):
+        """The mixture's outputs on scaled ``data``; members' compositions and weights are
+        averaged (still compositions / simplices)."""
+        from ..train.loop import predict_bags
+
+        outs = [predict_bags(m, data, chunk_patches=chunk_patches, device=self.train_config.device,
+                             return_patch_outputs=return_patch_outputs) for m in self.modules]
+        if len(outs) == 1:
+            return outs[0]
+        return {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in outs[0]}
 
     def _apply_residual(self, out: Dict[str, np.ndarray], data, sub_patch_bags: bool) -> None:
         """Add the residual head's cell-state term (in place); the mixture-only
@@ -388,7 +391,7 @@ class CPNN:
         patches'."""
         if sub_patch_bags:
             out["bag_expr_mixture"] = out["bag_expr"]
-            out["bag_expr"] = _add_log_residual(out["bag_expr"], self.residual.predict(_bag_means(data)))
+            out["bag_expr"] = _add_log_residual(out["bag_expr"], self.residual.predict(data.bag_means()))
             return
         out["spot_expr_mixture"], out["bag_expr_mixture"] = out["spot_expr"], out["bag_expr"]
         out["spot_expr"] = _add_log_residual(out["spot_expr"], self.residual.predict(data.features))
@@ -510,12 +513,6 @@ def _trainer():
     from ..train.loop import train_cpnn
 
     return train_cpnn
-
-
-def _bag_means(data) -> np.ndarray:
-    """``(B, D)`` mean feature row of every bag."""
-    sums = np.add.reduceat(data.features.astype(np.float64), data.offsets[:-1], axis=0)
-    return sums / np.maximum(data.sizes, 1)[:, None]
 
 
 def _add_log_residual(composition: np.ndarray, residual: np.ndarray) -> np.ndarray:

@@ -80,22 +80,33 @@ class RidgeProbe:
         else:
             grid = DEFAULT_ALPHA_GRID if isinstance(self.alphas, str) else tuple(self.alphas)
             self.alpha_ = self._inner_cv(x, y, grid, groups)
+        self.fit_alpha(x, y, self.alpha_)
+        return self
+
+    def fit_alpha(self, x: np.ndarray, y: np.ndarray, alpha: float) -> "RidgeProbe":
+        """Fit basis and coefficients on all rows at one given penalty."""
+        self.alpha_ = float(alpha)
         self.mean_, self.std_, self.components_ = self._fit_transform_basis(x)
-        p = self._project(x, self.mean_, self.std_, self.components_)
-        coefs, inter = self._ridge_path(p, y, [self.alpha_])
+        coefs, inter = self._ridge_path(self._project(x, self.mean_, self.std_, self.components_), y, [alpha])
         self.coef_, self.intercept_ = coefs[0], inter[0]
         return self
 
-    def _inner_cv(self, x, y, grid, groups) -> float:
-        folds = inner_folds(len(x), groups, self.n_inner_folds, self.seed)
-        scores = np.zeros(len(grid))
+    def cv_path(self, x: np.ndarray, y: np.ndarray, grid: Sequence[float], folds: Sequence[np.ndarray]):
+        """For each inner fold, ``(test_mask, predictions)``: the held-out rows' predicted
+        targets at every penalty of ``grid`` (``len(grid)`` arrays), basis and ridge fitted
+        on the other rows."""
         for test_mask in folds:
             tr = ~test_mask
             mean, std, comps = self._fit_transform_basis(x[tr])
             coefs, inter = self._ridge_path(self._project(x[tr], mean, std, comps), y[tr], grid)
             pte = self._project(x[test_mask], mean, std, comps)
-            for i in range(len(grid)):
-                pred = pte @ coefs[i] + inter[i]
+            yield test_mask, [pte @ coefs[i] + inter[i] for i in range(len(grid))]
+
+    def _inner_cv(self, x, y, grid, groups) -> float:
+        folds = inner_folds(len(x), groups, self.n_inner_folds, self.seed)
+        scores = np.zeros(len(grid))
+        for test_mask, preds in self.cv_path(x, y, grid, folds):
+            for i, pred in enumerate(preds):
                 scores[i] += _mean_pearson(pred, y[test_mask]) / len(folds)
         self.cv_scores_ = dict(zip(map(float, grid), scores.tolist()))
         return float(grid[int(np.nanargmax(scores))])

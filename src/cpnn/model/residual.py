@@ -73,32 +73,23 @@ class ResidualHead:
         folds = inner_folds(len(x), groups, self.n_inner_folds, self.seed)
         if len(x) < 4 or len(folds) < 2:
             return self
+        n_folds = len(folds)
+        usable = [f for f in folds if (~f).sum() >= 3 and f.sum() >= 2]  # Pearson needs a few rows
         off, scores = 0.0, np.zeros(len(self.alphas))
-        for test in folds:
-            tr = ~test
-            if tr.sum() < 3 or test.sum() < 2:
-                continue
-            mean, std, comps = probe._fit_transform_basis(x[tr])
-            coefs, inter = probe._ridge_path(probe._project(x[tr], mean, std, comps), resid[tr], self.alphas)
-            pte = probe._project(x[test], mean, std, comps)
-            off += _mean_pearson(base[test], y[test]) / len(folds)
-            for i in range(len(self.alphas)):
-                scores[i] += _mean_pearson(base[test] + pte @ coefs[i] + inter[i], y[test]) / len(folds)
+        for test, preds in probe.cv_path(x, resid, self.alphas, usable):
+            off += _mean_pearson(base[test], y[test]) / n_folds
+            for i, pred in enumerate(preds):
+                scores[i] += _mean_pearson(base[test] + pred, y[test]) / n_folds
         self.cv_scores_ = {"off": float(off), **{repr(a): float(s) for a, s in zip(self.alphas, scores)}}
         best = int(np.nanargmax(scores))
         if not np.isfinite(scores[best]) or scores[best] <= off:
             return self
         self.alpha_ = self.alphas[best]
-        probe.alpha_ = self.alpha_
-        probe.mean_, probe.std_, probe.components_ = probe._fit_transform_basis(x)
-        coefs, inter = probe._ridge_path(probe._project(x, probe.mean_, probe.std_, probe.components_), resid,
-                                         [self.alpha_])
-        probe.coef_, probe.intercept_ = coefs[0], inter[0]
-        self._probe = probe
+        self._probe = probe.fit_alpha(x, resid, self.alpha_)
         return self
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """``(N, G)`` residual on log1p CP10k (zeros when the head is off)."""
+        """``(N, G)`` residual on log1p CP10k (only when :attr:`active`)."""
         if self._probe is None:
             raise RuntimeError("the residual head is off or not fitted; check .active first")
         return self._probe.predict(features)

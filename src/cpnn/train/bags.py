@@ -57,6 +57,11 @@ class BagData:
     def sizes(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def bag_means(self) -> np.ndarray:
+        """``(B, D)`` mean feature row of every bag (float64)."""
+        sums = np.add.reduceat(self.features.astype(np.float64), self.offsets[:-1], axis=0)
+        return sums / np.maximum(self.sizes, 1)[:, None]
+
     @classmethod
     def from_spots(cls, features, counts=None, targets=None) -> "BagData":
         """One bag per row of ``features``."""
