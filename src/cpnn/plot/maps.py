@@ -469,10 +469,9 @@ def plot_genes(adata, view: PredictionView, genes: Sequence[str], path: Path, dp
             _colorbar(fig, ax, m, "log1p CP10k")
     _scale_bar(flat[0], view)
     if measured is not None:
-        what = (f"predicted vs measured on one colour scale per gene (r: Pearson across {view.level}s, "
-                "predicted vs measured)")
+        what = f"predicted vs measured\n(one colour scale per gene; r: Pearson across {view.level}s)"
     else:
-        what = "predicted (no measured counts in this file, so no correlation can be shown)"
+        what = "predicted\n(no measured counts in this file: no correlation to show)"
     fig.suptitle(f"{view.title} — genes, {what}", fontsize=10)
     fig.tight_layout()
     return _save(fig, path, dpi)
