@@ -279,11 +279,14 @@
   state.hit = hit;
 
   function describe(j) {
-    var layer = layers[state.layer], v = valuesOf(layer)[j];
-    var dom = layers.dominant, name = dom.names[valuesOf(dom)[j]];
-    var who = (D.ids ? D.ids[j] : D.level + " " + j);
-    var what = layer.kind === "categorical" ? layer.names[v] : layer.label.split(" (")[0] + ": " + fmt(v) + " " + layer.unit;
-    return who + "\n" + what + "\ndominant type: " + name;
+    var layer = layers[state.layer], dom = layers.dominant, name = dom.names[valuesOf(dom)[j]];
+    var weight = layers["weight:" + name];
+    var lines = [D.ids ? D.ids[j] : D.level + " " + j];
+    if (layer.kind !== "categorical") {
+      lines.push(layer.label.split(" (")[0] + ": " + fmt(valuesOf(layer)[j]) + " " + layer.unit);
+    }
+    lines.push("dominant type: " + name + (weight ? " (weight " + fmt(valuesOf(weight)[j]) + ")" : ""));
+    return lines.join("\n");
   }
   state.describe = describe;
 
