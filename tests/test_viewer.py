@@ -246,8 +246,8 @@ def test_viewer_in_headless_chromium(level, tmp_path):
 @pytest.fixture(scope="module")
 def her2st_c6_and_wsi(data_dir, tmp_path_factory):
     """A small model trained on HER2ST C5 (naive prototypes of 60 panel genes, one 112 µm
-    patch per spot at 112 px, 5 epochs), its prediction of C6, and its prediction of a real
-    whole slide (cmu-1-small-region.svs)."""
+    patch per spot read at 64 px to keep extraction cheap, 5 epochs), its prediction of C6,
+    and its prediction of a real whole slide (cmu-1-small-region.svs)."""
     import cpnn
     from cpnn.api import fit_spatial, predict_spatial, spatial_features
     from cpnn.data import read_her2st
@@ -261,8 +261,8 @@ def her2st_c6_and_wsi(data_dir, tmp_path_factory):
     ref = read_reference(data_dir / "reference" / "wu2021_CID4465.h5ad", "celltype_major")
     genes = [g for g in panel if g in common and g in set(ref.var_names)][:60]
     protos = cpnn.build_prototypes(ref, "celltype_major", method="naive", genes=genes)
-    encoder = {"name": "efficientnet-lite0", "patch_um": 112.0, "out_px": 112}
-    feats = {sid: spatial_features(a, "efficientnet-lite0", patch_um=112.0, out_px=112) for sid, a in sections.items()}
+    encoder = {"name": "efficientnet-lite0", "patch_um": 112.0, "out_px": 64}
+    feats = {sid: spatial_features(a, "efficientnet-lite0", patch_um=112.0, out_px=64) for sid, a in sections.items()}
     model = fit_spatial({"C5": sections["C5"]}, feats, protos, cpnn.CPNNConfig(hidden=(32,)),
                         cpnn.TrainConfig(max_epochs=5, progress=False), encoder=encoder)
     c6 = predict_spatial(model, sections["C6"], feats["C6"])
