@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .._constants import UNS, WEIGHTS
+from .._constants import UNS
 from ..errors import CPNNInputError
 
 INSTALL = "pip install 'cpnn[spatialdata]'"
@@ -169,4 +169,4 @@ def _plain(d):
     return out
 
 
-__all__ = ["prediction_spatialdata", "write_spatialdata", "weight_column", "WEIGHTS"]
+__all__ = ["prediction_spatialdata", "write_spatialdata", "weight_column"]
