@@ -95,7 +95,7 @@ def composition_panel(path, xy, true: Optional[np.ndarray], pred: np.ndarray, ce
         if true is not None:
             spot_map(axes[0, j], xy, true[:, j], diameter_px, image=image, image_scale=image_scale,
                      vmin=0, vmax=vmax if shared_scale else None, title=f"{name}\n{true_label}", cmap="magma",
-                     label=true_label)
+                     label=f"{true_label} proportion")
         spot_map(axes[rows - 1, j], xy, pred[:, j], diameter_px, image=image, image_scale=image_scale,
                  vmin=0 if shared_scale else None, vmax=vmax if shared_scale else None,
                  title=f"{name}\n{pred_label}", cmap="magma", label=pred_label)
