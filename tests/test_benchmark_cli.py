@@ -70,3 +70,27 @@ def test_cli_benchmark_reports_bad_config(tmp_path, capsys):
     cfg.write_text("data: {kind: h5ad, paths: [x.h5ad]}\nmethods: [{name: a, kind: unknown}]\n")
     assert main(["benchmark", str(cfg), "--out", str(tmp_path / "o")]) == 2
     assert "unknown method kind" in capsys.readouterr().err
+
+
+def test_benchmark_logs_each_method_and_fold_as_it_starts_and_ends(saved_cohort, tmp_path, monkeypatch, capsys):
+    """A long benchmark is never silent: every method x fold announces itself before training."""
+    from cpnn.cli import main
+
+    root, cohort = saved_cohort
+    monkeypatch.setenv("COHORT_DIR", str(root))
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(
+        "data:\n  kind: h5ad\n  paths: [" + ", ".join(f'"${{COHORT_DIR}}/{s.slide_id}.h5ad"' for s in cohort.slides)
+        + "]\n"
+        "split: {by: section, scheme: k_fold, n_folds: 2, val_fraction: 0.25}\n"
+        "features: {features_dir: '${COHORT_DIR}/features'}\n"
+        "gene_sets:\n  - {name: top20, kind: top_expressed, n: 20}\n"
+        "methods:\n  - {name: ridge_hest, kind: ridge, alphas: hest, n_components: 8}\n"
+        "evaluation: {figures: false}\n"
+    )
+    assert main(["benchmark", str(cfg), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for fold in (0, 1):
+        start = [i for i, ln in enumerate(lines) if f"fold {fold} " in ln and "ridge_hest: training on" in ln]
+        end = [i for i, ln in enumerate(lines) if f"fold {fold} " in ln and "ridge_hest: PCC" in ln]
+        assert len(start) == 1 and len(end) == 1 and start[0] < end[0], lines

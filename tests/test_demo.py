@@ -38,3 +38,19 @@ def test_demo_meets_acceptance_criteria(demo_run):
     assert m["composition_recovery"] >= 0.7
     assert m["spot"]["cpnn"]["scc_mean"] >= m["spot"]["ridge"]["scc_mean"]
     assert m["prototype_recovery"] > 0.8
+
+
+@pytest.mark.slow
+def test_demo_he_example_is_a_captioned_figure(demo_run):
+    import numpy as np
+    from PIL import Image
+
+    report = (demo_run / "report.md").read_text()
+    assert "![H&E-like image](he_example.png)" in report
+    caption = report.split("![H&E-like image](he_example.png)")[1].strip().splitlines()[0]
+    assert caption.startswith("*") and "H&E" in caption
+    with Image.open(demo_run / "he_example.png") as im:
+        arr = np.asarray(im.convert("RGB"))
+    # a caption above the image: dark text on a white band at the top
+    top = arr[: arr.shape[0] // 12].min(axis=2)
+    assert (top < 100).mean() > 0.002 and (top > 240).mean() > 0.5

@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the whole method on a synthetic cohort (offline, ~2 minutes)")
     p.add_argument("--out", default="cpnn-demo", help="output folder (default: ./cpnn-demo)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the cohort, the split and training (default 0)")
     p.add_argument("--quick", action="store_true", help="a smaller cohort (seconds; for smoke tests)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no stage lines")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", required=True, help="obs column with the cell type (e.g. celltype_major)")
     p.add_argument("--batch", default=None, help="obs column with the batch/patient (optional)")
     p.add_argument("--metadata", default=None, help="cell metadata table for a 10x folder")
-    p.add_argument("--method", choices=["naive", "regression"], default="regression")
+    p.add_argument("--method", choices=["naive", "regression"], default="regression",
+                   help="naive type means or the negative-binomial regression (default regression)")
     p.add_argument("--genes", default=None, help="text file of target genes, one per line")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the regression (default 0)")
     p.add_argument("--out", required=True, help="output .h5ad or .tsv")
     p.set_defaults(func=_cmd_prototypes)
 
@@ -75,6 +76,9 @@ def _register_optional(sub) -> None:
         "cpnn.cli_extract",
         "cpnn.cli_plot",
         "cpnn.cli_benchmark",
+        "cpnn.cli_encoders",
+        "cpnn.cli_view",
+        "cpnn.cli_export",
     ):
         try:
             module = importlib.import_module(module_name)

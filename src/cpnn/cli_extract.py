@@ -40,7 +40,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mpp", type=float, default=None,
                    help="µm per level-0 pixel for slides whose metadata lack it (a job list's value wins)")
     p.add_argument("--batch-size", type=int, default=32, help="tiles per forward pass (default 32)")
-    p.add_argument("--tta", choices=["none", "flips", "flips8"], default="none")
+    p.add_argument("--tta", choices=["none", "flips", "flips8"], default="none",
+                   help="test-time augmentation: average features over 4 flips or 8 flips/rotations")
     p.add_argument("--plugin", action="append", default=[],
                    help="module to import in every worker first (registers custom encoders); repeatable")
     p.add_argument("--quiet", action="store_true", help="no per-slide lines")

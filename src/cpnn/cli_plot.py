@@ -12,7 +12,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     several = len(args.predictions) > 1
     for pred in args.predictions:
         out = Path(args.out) / Path(pred).stem if several else Path(args.out)
-        paths = plot_prediction(pred, out, genes=genes, max_types=args.max_types, n_genes=args.n_genes, dpi=args.dpi)
+        paths = plot_prediction(pred, out, genes=genes, max_types=args.max_types, n_genes=args.n_genes, dpi=args.dpi,
+                                shared_scale=args.shared_scale)
         print(f"{pred}: wrote {', '.join(p.name for p in paths.values())} to {out}")
     return 0
 
@@ -26,5 +27,8 @@ def register(sub) -> None:
                    "(default: the most variable predicted genes)")
     p.add_argument("--n-genes", type=int, default=4, help="without --genes: how many genes to pick (default 4)")
     p.add_argument("--max-types", type=int, default=None, help="only the N most abundant cell types in the weight maps")
-    p.add_argument("--dpi", type=int, default=110)
+    p.add_argument("--shared-scale", action="store_true",
+                   help="one colour scale for every cell type's weight map (default: each type 0 to its own "
+                        "99th percentile, which makes a rare type look as bright as an abundant one)")
+    p.add_argument("--dpi", type=int, default=110, help="resolution of the PNGs in dots per inch (default 110)")
     p.set_defaults(func=_cmd_plot)

@@ -13,9 +13,14 @@ def _cmd_predict_slide(args: argparse.Namespace) -> int:
     a = predict_slide(Path(args.run), args.slide, mpp=args.mpp, tile_px=args.tile_px, target_mpp=args.target_mpp,
                       out=out, features_dir=features_dir, min_tissue=args.min_tissue,
                       batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.no_progress)
-    print(f"wrote {out} ({a.n_obs} tiles x {a.n_vars} genes, {len(a.uns['cpnn']['cell_types'])} cell types; "
-          f"slide bulk in uns['cpnn']['bulk_prediction'])")
+    print(wrote_slide_line(a, out), flush=True)
     return 0
+
+
+def wrote_slide_line(adata, out) -> str:
+    """What a whole-slide prediction wrote, in one line (``predict-slide`` and ``predict --slide``)."""
+    return (f"wrote {out} ({adata.n_obs} tiles x {adata.n_vars} genes, {len(adata.uns['cpnn']['cell_types'])} "
+            "cell types; slide bulk in uns['cpnn']['bulk_prediction'])")
 
 
 def _cmd_extract_tiles(args: argparse.Namespace) -> int:
@@ -38,9 +43,9 @@ def _tile_args(p: argparse.ArgumentParser, defaults_from_model: bool) -> None:
     p.add_argument("--target-mpp", type=float, default=None if defaults_from_model else 0.5,
                    help="tile resolution in µm/px" + hint)
     p.add_argument("--min-tissue", type=float, default=0.25, help="minimum tissue fraction of a kept tile")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="tiles per forward pass (default 32)")
     p.add_argument("--num-workers", type=int, default=1, help="image decoding threads")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def register(sub) -> None:
@@ -53,7 +58,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("extract-tiles", help="tile a slide's tissue and save CLAM/TRIDENT-style tile features")
     _tile_args(p, False)
-    p.add_argument("--encoder", default="efficientnet-lite0")
-    p.add_argument("--tta", choices=["none", "flips", "flips8"], default="none")
+    p.add_argument("--encoder", default="efficientnet-lite0",
+                   help="encoder name (see `cpnn encoders`; default efficientnet-lite0)")
+    p.add_argument("--tta", choices=["none", "flips", "flips8"], default="none",
+                   help="test-time augmentation: average features over 4 flips or 8 flips/rotations")
     p.add_argument("--out", required=True, help="output folder ({slide}.h5)")
     p.set_defaults(func=_cmd_extract_tiles)

@@ -23,7 +23,8 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--encoder", default=None, help="encoder name (see `cpnn encoders`); default efficientnet-lite0")
     f.add_argument("--patch-um", type=float, default=None, help="patch side in microns (default 112)")
     f.add_argument("--features", metavar="DIR", help="precomputed CLAM/TRIDENT/cpnn feature files {sample}.h5")
-    f.add_argument("--tta", choices=["none", "flips", "flips8"], default=None, help="test-time augmentation")
+    f.add_argument("--tta", choices=["none", "flips", "flips8"], default=None,
+                   help="test-time augmentation: average features over 4 flips or 8 flips/rotations (default none)")
     f.add_argument("--context-rings", type=float, default=None,
                    help="append the mean feature of neighbours within this many spot pitches (0: none)")
     f.add_argument("--subpatch-grid", type=int, default=None,
@@ -68,8 +69,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.slide:  # whole slide: every tissue tile, and the slide's bulk profile
         from .workflows.wsi import predict_slide
 
-        predict_slide(Path(args.run), args.slide, mpp=args.mpp, out=Path(args.out), progress=not args.no_progress,
-                      features_dir=args.features or Path(args.out).parent / "features")
+        from .cli_slide import wrote_slide_line
+
+        a = predict_slide(Path(args.run), args.slide, mpp=args.mpp, out=Path(args.out), progress=not args.no_progress,
+                          features_dir=args.features or Path(args.out).parent / "features")
+        print(wrote_slide_line(a, args.out), flush=True)
         return 0
     from .workflows.fit import run_predict
 
@@ -85,7 +89,8 @@ def register(sub) -> None:
     p.add_argument("--reference", required=True, help="single-cell reference .h5ad (raw counts) or prototypes file")
     p.add_argument("--label", default=None, help="obs column of cell types in the reference (e.g. celltype_major)")
     p.add_argument("--batch", default=None, help="obs column of batches in the reference")
-    p.add_argument("--prototype-method", choices=["naive", "regression"], default=None)
+    p.add_argument("--prototype-method", choices=["naive", "regression"], default=None,
+                   help="naive type means or the negative-binomial regression (default regression)")
     p.add_argument("--genes", default=None, help="gene panel file (one symbol per line); default: top expressed")
     p.add_argument("--n-top-genes", type=int, default=None, help="without --genes: the N most expressed (default 1000)")
     p.add_argument("--level", choices=["spot", "bulk"], default=None, help="spot supervision or pseudo-bulk bags")
@@ -93,10 +98,10 @@ def register(sub) -> None:
                    help="cell-state term on top of the cell-type mixture, kept only when inner "
                         "cross-validation over training sections says it helps (spot level)")
     p.add_argument("--config", default=None, help="YAML with sections model/train/features/prototypes")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of splits, initialisation and sampling (default 0)")
     p.add_argument("--epochs", type=int, default=None, help="max epochs")
     p.add_argument("--out", required=True, help="run folder (model, prototypes, config, metrics)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no stage lines or progress bars")
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("predict", help="predict spot expression and cell-type weights with a trained run")
@@ -105,5 +110,5 @@ def register(sub) -> None:
                    help="a whole-slide image instead of spots: per-tile maps and the slide's bulk profile")
     add_input_args(p)
     p.add_argument("--out", required=True, help="output .h5ad (one sample) or folder (several)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no stage lines or progress bars")
     p.set_defaults(func=_cmd_predict)

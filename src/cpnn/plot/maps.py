@@ -362,29 +362,47 @@ def _save(fig, path: Path, dpi: int) -> Path:
     from ..utils import atomic_path
 
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
+        # "tight" grows the canvas to every artist, so legends placed beside an axes are never cut
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return path
 
 
-def plot_weights(view: PredictionView, path: Path, max_types: Optional[int] = None, dpi: int = 110) -> Path:
-    """``celltype_weights.png``: one panel per type (the ``max_types`` most abundant when given)."""
+def weight_vmax(w: np.ndarray) -> float:
+    """Top of one type's colour scale: the 99th percentile of its weights (at least 1e-3)."""
+    return max(float(np.quantile(w, 0.99)) if len(w) else 1.0, 1e-3)
+
+
+def shared_weight_vmax(weights: np.ndarray) -> float:
+    """Top of a colour scale shared by every type: the largest per-type 99th percentile,
+    so a type at 0.09 looks dim next to one at 0.7."""
+    return max(weight_vmax(weights[:, k]) for k in range(weights.shape[1]))
+
+
+def plot_weights(view: PredictionView, path: Path, max_types: Optional[int] = None, dpi: int = 110,
+                 shared_scale: bool = False) -> Path:
+    """``celltype_weights.png``: one panel per type (the ``max_types`` most abundant when given).
+
+    Each type's map is scaled 0 to its own 99th percentile (patterns of rare types stay
+    visible), or with ``shared_scale`` all on one scale, 0 to the largest of those (levels
+    compare across panels)."""
     use_agg()
     order = np.argsort(-view.weights.mean(axis=0), kind="stable")
     if max_types is not None:
         order = order[:max_types]
     raster = _Raster(view) if view.raster else None
     fig, axes = _grid_figure(len(order), view)
+    shared = shared_weight_vmax(view.weights) if shared_scale else None
     for ax, k in zip(axes.ravel(), order):
         w = view.weights[:, k]
-        vmax = float(np.quantile(w, 0.99)) if len(w) else 1.0
-        m = _draw(ax, view, w, cmap="magma", vmin=0.0, vmax=max(vmax, 1e-3), raster=raster)
+        m = _draw(ax, view, w, cmap="magma", vmin=0.0, vmax=shared or weight_vmax(w), raster=raster)
         ax.set_title(f"{view.cell_types[k]} (mean {w.mean():.2f})", fontsize=9)
         _colorbar(fig, ax, m, "weight")
     _scale_bar(axes.ravel()[0], view)
     plural = {"sub-patch": "sub-patches of each spot"}.get(view.level, f"{view.level}s")
-    fig.suptitle(f"{view.title} — CPNN cell-type weights ({plural}; colour scale 0 to the 99th percentile "
-                 "of each type)", fontsize=10)
+    scale = (f"one colour scale for all types, 0 to {shared:.2f}" if shared_scale
+             else "colour scale 0 to the 99th percentile of each type")
+    fig.suptitle(f"{view.title} — CPNN cell-type weights ({plural}; {scale})", fontsize=10)
     fig.tight_layout()
     return _save(fig, path, dpi)
 
@@ -440,17 +458,21 @@ def plot_genes(adata, view: PredictionView, genes: Sequence[str], path: Path, dp
         panels = [(pred[:, j], f"{g} predicted")]
         if measured is not None:
             r = _pearson(pred[:, j], measured[:, j])
-            panels[0] = (pred[:, j], f"{g} predicted (r = {r:.2f})")
-            panels.append((measured[:, j], f"{g} measured"))
+            panels = [(pred[:, j], f"{g} predicted (r = {r:.2f})"), (measured[:, j], f"{g} measured (r = {r:.2f})")]
+        # one colour scale per gene, over predicted and measured together: a weak prediction
+        # must not look as contrasted as the measurement
+        lo, hi = (float(q) for q in np.quantile(np.concatenate([v for v, _ in panels]), [0.01, 0.99]))
         for p, (v, title) in enumerate(panels):
             ax = flat[j * len(panels) + p]
-            lo, hi = (float(q) for q in np.quantile(v, [0.01, 0.99]))
             m = _draw(ax, view, v, cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-6), raster=raster)
             ax.set_title(title, fontsize=9)
             _colorbar(fig, ax, m, "log1p CP10k")
     _scale_bar(flat[0], view)
-    what = "predicted vs measured" if measured is not None else "predicted"
-    fig.suptitle(f"{view.title} — genes, {what} (r: Pearson across {view.level}s)", fontsize=10)
+    if measured is not None:
+        what = f"predicted vs measured\n(one colour scale per gene; r: Pearson across {view.level}s)"
+    else:
+        what = "predicted\n(no measured counts in this file: no correlation to show)"
+    fig.suptitle(f"{view.title} — genes, {what}", fontsize=10)
     fig.tight_layout()
     return _save(fig, path, dpi)
 
@@ -490,6 +512,7 @@ def plot_prediction(
     max_types: Optional[int] = None,
     n_genes: int = 4,
     dpi: int = 110,
+    shared_scale: bool = False,
 ) -> Dict[str, Path]:
     """Write the standard figures of a prediction.
 
@@ -509,6 +532,9 @@ def plot_prediction(
         How many genes to pick when ``genes`` is None.
     dpi
         Resolution of the PNGs.
+    shared_scale
+        Draw every cell type's weight map on one colour scale (0 to the largest per-type
+        99th percentile) instead of each on its own.
 
     Returns
     -------
@@ -532,14 +558,15 @@ def plot_prediction(
     genes = list(genes) if genes else top_spread_genes(adata, n_genes)
     _gene_index(adata, genes)  # fail early on unknown genes
     paths = {
-        "celltype_weights": plot_weights(view, out / "celltype_weights.png", max_types=max_types, dpi=dpi),
+        "celltype_weights": plot_weights(view, out / "celltype_weights.png", max_types=max_types, dpi=dpi,
+                                         shared_scale=shared_scale),
         "dominant_type": plot_dominant(view, out / "dominant_type.png", dpi=dpi),
         "genes": plot_genes(adata, view, genes, out / "genes.png", dpi=dpi),
     }
     sub = subpatch_view(adata, view)
     if sub is not None:
         paths["celltype_weights_subpatches"] = plot_weights(sub, out / "celltype_weights_subpatches.png",
-                                                            max_types=max_types, dpi=dpi)
+                                                            max_types=max_types, dpi=dpi, shared_scale=shared_scale)
     if PROTOTYPES not in adata.varm:
         import warnings
 

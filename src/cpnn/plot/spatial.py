@@ -60,15 +60,19 @@ def spot_map(ax, xy: np.ndarray, values: np.ndarray, diameter_px: float, *, imag
 
 
 def add_scale_bar(ax, um: float, mpp: float, image_scale: float = 1.0, color: str = "black") -> None:
-    """A horizontal scale bar of ``um`` microns in the lower-left corner."""
-    x0, x1 = ax.get_xlim()
+    """A horizontal scale bar of ``um`` microns in the lower-left corner, on a white box
+    so it stays legible over dark spots and tissue."""
+    from matplotlib.font_manager import FontProperties
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
     y0, y1 = ax.get_ylim()
-    length = um / mpp * image_scale
-    left = min(x0, x1) + 0.04 * abs(x1 - x0)
-    bottom = max(y0, y1) - 0.05 * abs(y1 - y0)
-    ax.plot([left, left + length], [bottom, bottom], color=color, lw=2.5, solid_capstyle="butt")
-    ax.text(left + length / 2, bottom - 0.015 * abs(y1 - y0), f"{um:g} µm", ha="center", va="bottom",
-            fontsize=7, color=color)
+    bar = AnchoredSizeBar(ax.transData, um / mpp * image_scale, f"{um:g} µm", "lower left", pad=0.25,
+                          borderpad=0.4, sep=2, color=color, frameon=True, label_top=True,
+                          size_vertical=0.012 * abs(y1 - y0), fontproperties=FontProperties(size=7))
+    bar.patch.set_facecolor("white")
+    bar.patch.set_alpha(0.85)
+    bar.patch.set_edgecolor("none")
+    ax.add_artist(bar)
 
 
 def composition_panel(path, xy, true: Optional[np.ndarray], pred: np.ndarray, cell_types: Sequence[str],
@@ -90,30 +94,37 @@ def composition_panel(path, xy, true: Optional[np.ndarray], pred: np.ndarray, ce
         vmax = float(max(np.nanmax(pred[:, j]), np.nanmax(true[:, j]) if true is not None else 0))
         if true is not None:
             spot_map(axes[0, j], xy, true[:, j], diameter_px, image=image, image_scale=image_scale,
-                     vmin=0, vmax=vmax if shared_scale else None, title=f"{name}\n{true_label}", cmap="magma")
+                     vmin=0, vmax=vmax if shared_scale else None, title=f"{name}\n{true_label}", cmap="magma",
+                     label=f"{true_label} proportion")
         spot_map(axes[rows - 1, j], xy, pred[:, j], diameter_px, image=image, image_scale=image_scale,
                  vmin=0 if shared_scale else None, vmax=vmax if shared_scale else None,
-                 title=f"{name}\n{pred_label}", cmap="magma")
+                 title=f"{name}\n{pred_label}", cmap="magma", label=pred_label)
         if mpp is not None and j == 0:
             add_scale_bar(axes[rows - 1, 0], 100.0 if diameter_px * mpp < 500 else 1000.0, mpp, image_scale)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
 
 
 def gene_panel(path, xy, values: Sequence[np.ndarray], titles: Sequence[str], diameter_px: float, image=None,
-               image_scale: float = 1.0, label: str = "log1p CP10k", suptitle: str = "") -> None:
-    """Side-by-side maps of one gene (e.g. measured vs predicted), each with its colour bar."""
+               image_scale: float = 1.0, label: str = "log1p CP10k", suptitle: str = "",
+               mpp: Optional[float] = None) -> None:
+    """Side-by-side maps of one gene (e.g. measured vs predicted) on one colour scale (1st
+    to 99th percentile of all of them), each with a labelled colour bar."""
     use_agg()
     import matplotlib.pyplot as plt
 
+    lo, hi = (float(q) for q in np.nanquantile(np.concatenate([np.ravel(v) for v in values]), [0.01, 0.99]))
     fig, axes = plt.subplots(1, len(values), figsize=(3.4 * len(values), 3.2), squeeze=False)
     for ax, v, t in zip(axes[0], values, titles):
-        spot_map(ax, xy, v, diameter_px, image=image, image_scale=image_scale, title=t, label=label)
+        spot_map(ax, xy, v, diameter_px, image=image, image_scale=image_scale, title=t, label=label,
+                 vmin=lo, vmax=max(hi, lo + 1e-6))
+    if mpp is not None:
+        add_scale_bar(axes[0, 0], 100.0 if diameter_px * mpp < 500 else 1000.0, mpp, image_scale)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)

@@ -193,7 +193,7 @@ def train_cpnn(
     if tc.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=tc.max_epochs, desc="training", unit="epoch", leave=False)
+        bar = tqdm(total=tc.max_epochs, desc=tc.progress_desc, unit="epoch", leave=False)
     try:
         for epoch in range(tc.max_epochs):
             module.train()

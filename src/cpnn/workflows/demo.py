@@ -242,19 +242,35 @@ def _figures(out: Path, cohort, slide, model, feats, genes, gidx, k_names) -> Di
     predicted = np.log1p(pred["spot_expr"] * 1e4)
     # the gene with the largest spread in the measured data is the most informative to show
     g = int(np.argmax(measured.std(0)))
+    r = float(np.corrcoef(measured[:, g], predicted[:, g])[0, 1])
     gene_panel(out / "gene_map.png", xy, [measured[:, g], predicted[:, g]],
-               [f"{genes[g]} measured", f"{genes[g]} predicted (CPNN)"], diameter_px, image=slide.image,
-               suptitle=f"Held-out slide {slide.slide_id}")
+               [f"{genes[g]} measured", f"{genes[g]} predicted (CPNN, r = {r:.2f})"], diameter_px, image=slide.image,
+               mpp=cohort.mpp, suptitle=f"Held-out slide {slide.slide_id}: one colour scale for both maps "
+                                        "(r: Pearson across spots)")
     files["gene_map"] = "gene_map.png"
-    _save_image(out / "he_example.png", slide.image)
+    _he_figure(out / "he_example.png", slide, cohort.mpp)
     files["he_example"] = "he_example.png"
     return files
 
 
-def _save_image(path: Path, image: np.ndarray) -> None:
-    from PIL import Image
+def _he_figure(path: Path, slide, mpp: float) -> None:
+    """The held-out slide's H&E-like image with a caption and a scale bar."""
+    import matplotlib.pyplot as plt
 
-    Image.fromarray(image).save(path)
+    from ..plot.spatial import add_scale_bar, use_agg
+
+    use_agg()
+    h, w = slide.image.shape[:2]
+    fig, ax = plt.subplots(figsize=(5.0, 5.0 * h / w + 0.5))
+    ax.imshow(slide.image)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    add_scale_bar(ax, 100.0, mpp)
+    ax.set_title(f"Synthetic H&E-like image of held-out slide {slide.slide_id} ({w} x {h} px at {mpp:g} µm/px):\n"
+                 "nuclei of each cell type differ in size, shape and stain; spots are not drawn", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.1)
+    plt.close(fig)
 
 
 def _write_report(out: Path, m: Dict[str, Any], settings, split, figures) -> None:
@@ -292,6 +308,11 @@ def _write_report(out: Path, m: Dict[str, Any], settings, split, figures) -> Non
         f"![cell-type maps]({figures['celltype_maps']})",
         "",
         f"![gene map]({figures['gene_map']})",
+        "",
+        f"![H&E-like image]({figures['he_example']})",
+        "",
+        "*The held-out slide's synthetic H&E-like image that the features were extracted from: its "
+        "nuclei carry the cell-type signal the model learns (what a real H&E would show).*",
         "",
         f"Ran in {m['seconds']} s. Settings: `config.json`; split: `split.json`; numbers: `metrics.json`.",
         "",

@@ -153,38 +153,50 @@ def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_
             progress: bool = True):
     """Train on ``samples`` and write the run folder ``out``; returns the model.
 
-    Under ``torchrun`` with several processes, training is data-parallel and only rank 0
-    writes the run folder (every process extracts or reads the same features)."""
+    With ``progress``, every stage is announced on stdout as it starts (prototypes,
+    features sample by sample, ensemble training, residual head) and the files written
+    are listed at the end. Under ``torchrun`` with several processes, training is
+    data-parallel and only rank 0 writes the run folder (every process extracts or reads
+    the same features)."""
     from ..train.distributed import dist_env
 
     main_process = dist_env()[0] == 0
+    say = stage_printer(progress and main_process)
     t0 = time.perf_counter()
     seed_everything(opts.seed)
     out.mkdir(parents=True, exist_ok=True)
+    resolve_subpatch_grid(opts, features_dir)
     if main_process:
         _write_config(out, opts, samples)
     panel = read_gene_list(opts.genes_file) if opts.genes_file else None
     genes = target_genes(samples, panel=panel, n_top=None if panel else opts.n_top_genes)
+    say(_prototype_stage(opts, len(genes)))
     protos = load_or_build_prototypes(opts, genes)
     if main_process:
         protos.save(out / "prototypes.h5ad")
+    say(f"prototypes: {len(protos.cell_types)} cell types x {len(protos.genes)} genes")
     t_protos = time.perf_counter() - t0
-    resolve_subpatch_grid(opts, features_dir)
     attach_features(samples, opts.features, cache_dir=out / "features", features_dir=features_dir,
-                    progress=progress)
+                    progress=progress and main_process)
     t_feats = time.perf_counter() - t0 - t_protos
     if main_process and features_dir is not None:  # again, with the grid the feature files decided
         _write_config(out, opts, samples)
+    tc = opts.train_config(progress)
+    what = "spots" if opts.level == "spot" else "pseudo-bulk regions"
+    say(f"training CPNN on the {what} of {len(samples)} section(s): {tc.n_models} ensemble member(s), "
+        f"up to {tc.max_epochs} epochs each (early stopping: {tc.early_stopping})")
     if opts.level == "spot":
-        model = fit_spot_model(samples, protos, opts.model_config(), opts.train_config(progress),
-                               encoder=opts.features.as_dict())
+        model = fit_spot_model(samples, protos, opts.model_config(), tc, encoder=opts.features.as_dict())
     else:
         from .pseudobulk import fit_bulk_model
 
         model = fit_bulk_model(samples, protos, opts, progress=progress)
+    if model.residual is not None:
+        say(residual_summary(model.residual))
     if not main_process:
         return model
     model.save(out / "model.cpnn")
+    _write_config(out, opts, samples, model)
     hist = model.train_result.history
     best = hist[model.train_result.best_epoch] if hist and model.train_result.best_epoch >= 0 else {}
     write_json(out / "metrics.json", {
@@ -203,12 +215,57 @@ def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_
         "seconds": {"prototypes": round(t_protos, 1), "features": round(t_feats, 1),
                     "total": round(time.perf_counter() - t0, 1)},
     })
+    say(f"wrote {out}/ (model.cpnn, prototypes.h5ad, config.json, metrics.json, features/) in "
+        f"{time.perf_counter() - t0:.0f} s")
     return model
 
 
-def _write_config(out: Path, opts: FitOptions, samples: Sequence[SpatialSample]) -> None:
-    write_json(out / "config.json", {"cpnn_version": __version__, "options": opts.as_dict(),
-                                     "samples": [s.sample_id for s in samples]})
+def stage_printer(enabled: bool):
+    """A ``say(message)`` that prints one stage line (flushed at once), or does nothing."""
+    if not enabled:
+        return lambda message: None
+    return lambda message: print(message, flush=True)
+
+
+def _prototype_stage(opts: FitOptions, n_genes: int) -> str:
+    ref = Path(opts.reference)
+    if ref.suffix in (".tsv", ".csv") or _is_prototypes_h5ad(ref):
+        return f"reading prototypes from {ref} ({n_genes} target genes)"
+    return (f"building prototypes ({opts.prototype_method}) from {ref.name}, cell types in "
+            f"'{opts.label}', {n_genes} target genes")
+
+
+def residual_summary(head) -> str:
+    """One line on the residual head's inner-CV choice (kept with its penalty, or off)."""
+    scores = dict(head.cv_scores_ or {})
+    off = scores.get("off")
+    if head.active:
+        best = max((v for k, v in scores.items() if k != "off"), default=None)
+        detail = f"inner-CV Pearson {best:.3f} vs {off:.3f} without" if best is not None and off is not None else ""
+        return f"residual head: kept, penalty {head.alpha_:g}" + (f" ({detail})" if detail else "")
+    detail = f" (inner-CV Pearson without it {off:.3f}: no penalty did better)" if off is not None else ""
+    return "residual head: off" + detail
+
+
+def _write_config(out: Path, opts: FitOptions, samples: Sequence[SpatialSample], model=None) -> None:
+    """``config.json``: the resolved options; once trained, also what the model actually used
+    (its model/train settings after level-specific overrides, feature geometry, genes, types)."""
+    record: Dict[str, Any] = {"cpnn_version": __version__, "options": opts.as_dict(),
+                              "samples": [s.sample_id for s in samples]}
+    if model is not None:
+        record["used"] = {
+            "model": config_to_dict(model.config),
+            "train": config_to_dict(model.train_config),
+            "features": dict(model.encoder),
+            "n_genes": len(model.genes),
+            "genes": list(model.genes),
+            "cell_types": list(model.cell_types),
+            "prototypes": {k: v for k, v in model.prototype_provenance.items()
+                           if isinstance(v, (str, int, float, bool)) or v is None},
+            "residual_head": None if model.residual is None else {
+                "active": bool(model.residual.active), "alpha": model.residual.alpha_},
+        }
+    write_json(out / "config.json", record)
 
 
 def load_run_model(run: Path):

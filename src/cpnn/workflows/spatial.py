@@ -128,11 +128,14 @@ def attach_features(
     then append the spatial context when ``spec.context_rings > 0``.
 
     With ``features_dir`` and ``spec.subpatch_grid`` None, the first file's grid is taken
-    (and written into ``spec``); every file must then match it."""
+    (and written into ``spec``); every file must then match it. With ``progress``, one
+    line per sample says which it is and where its features come from."""
     from .context import context_features
 
     encoder = None
-    for s in samples:
+    for i, s in enumerate(samples):
+        if progress:
+            print(_feature_stage(s, spec, i, len(samples), features_dir, cache_dir), flush=True)
         if features_dir is not None:
             s.features = read_features_for(s, Path(features_dir))
             if spec.subpatch_grid is None:
@@ -154,6 +157,19 @@ def attach_features(
                                    cache_path=cache, tta=spec.tta, batch_size=spec.batch_size, progress=progress,
                                    subpatch_grid=spec.subpatch_grid)
         s.features = context_features(s.features, s.adata.obsm[SPATIAL], spec.context_rings)
+
+
+def _feature_stage(sample: SpatialSample, spec: FeatureSpec, i: int, n: int, features_dir, cache_dir) -> str:
+    head = f"features {i + 1}/{n} ({sample.sample_id})"
+    if features_dir is not None:
+        return f"{head}: reading {Path(features_dir) / f'{sample.sample_id}.h5'}"
+    grid = int(spec.subpatch_grid or 1)
+    n_obs = sample.adata.n_obs
+    what = f"{n_obs} spots x {grid}x{grid} sub-patches" if grid > 1 else f"{n_obs} spots"
+    cache = None if cache_dir is None else Path(cache_dir) / f"{sample.sample_id}.h5"
+    if cache is not None and cache.is_file():
+        return f"{head}: {what}, reusing {cache} (re-extracted if its settings differ)"
+    return f"{head}: extracting {what} ({spec.encoder}, {spec.patch_um:g} µm patches)"
 
 
 def feature_grid(features: np.ndarray, path=None) -> int:
@@ -338,6 +354,8 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
         "prototypes": {k: str(v) for k, v in model.prototype_provenance.items() if k in ("method", "label_key")},
         "sample_id": sample.sample_id,
     }
+    if info.get("image_path"):  # the full-resolution image obsm['spatial'] refers to (cpnn view, export)
+        pred.uns[UNS]["image_path"] = str(info["image_path"])
     if model.residual is not None:
         pred.uns[UNS]["residual_head"] = {"active": bool(model.residual.active),
                                           "alpha": model.residual.alpha_ if model.residual.active else "off"}

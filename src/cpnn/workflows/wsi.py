@@ -155,6 +155,10 @@ def predict_slide(model, slide_path: Union[str, os.PathLike], mpp: Optional[floa
         model = load_run_model(Path(model))
     enc = dict(model.encoder or {})
     tile_px, target_mpp = _tile_settings(model, tile_px, target_mpp)
+    if progress:
+        print(f"tiling the tissue of {Path(slide_path).name}: {tile_px} px tiles at {target_mpp:g} µm/px "
+              f"(features cached in {Path(features_dir) if features_dir is not None else Path('features')})",
+              flush=True)
     ff, facts = slide_features(slide_path, enc.get("name", "efficientnet-lite0"), mpp=mpp, tile_px=tile_px,
                                target_mpp=target_mpp, features_dir=features_dir, min_tissue=min_tissue,
                                batch_size=batch_size, num_workers=num_workers, tta=enc.get("tta", "none"),
@@ -169,6 +173,8 @@ def predict_slide(model, slide_path: Union[str, os.PathLike], mpp: Optional[floa
         feats = context_features(feats, np.asarray(ff.coords, dtype=np.float64) + side / 2.0, rings)
     elif rings > 0:
         feats = np.concatenate([feats, feats], axis=1)
+    if progress:
+        print(f"predicting {n} tissue tiles and the slide's bulk profile", flush=True)
     pred = model.predict(feats, bags=[0, n], chunk_patches=chunk_patches)
     coords = np.asarray(ff.coords, dtype=np.float64)
     obs = pd.DataFrame({"x0": ff.coords[:, 0].astype(np.int64), "y0": ff.coords[:, 1].astype(np.int64)},
