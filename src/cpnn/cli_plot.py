@@ -4,14 +4,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .errors import CPNNInputError
+
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .plot.maps import plot_prediction
 
+    from .outputs import check_out_folder, is_h5ad, unique_stems
+
     genes = [g for g in (args.genes or "").split(",") if g] or None
     several = len(args.predictions) > 1
+    for pred in args.predictions:  # every input checked before the first figure is drawn
+        if not is_h5ad(pred):
+            problem = "is not an .h5ad prediction file" if Path(pred).is_file() else "file not found"
+            raise CPNNInputError(problem, path=pred, field="PRED.h5ad", fix="pass files written by `cpnn predict`")
+    stems = unique_stems([(Path(p).stem, p) for p in args.predictions], field="prediction file name",
+                         fix="plot them one at a time with different --out folders, or rename one")
+    check_out_folder(args.out)
     for pred in args.predictions:
-        out = Path(args.out) / Path(pred).stem if several else Path(args.out)
+        out = Path(args.out) / stems[Path(pred).stem] if several else Path(args.out)
         paths = plot_prediction(pred, out, genes=genes, max_types=args.max_types, n_genes=args.n_genes, dpi=args.dpi,
                                 shared_scale=args.shared_scale)
         print(f"{pred}: wrote {', '.join(p.name for p in paths.values())} to {out}")

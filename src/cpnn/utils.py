@@ -29,17 +29,28 @@ def seed_everything(seed: int) -> None:
 def atomic_path(path: os.PathLike | str, suffix: Optional[str] = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place only on success.
 
-    A crash or an exception leaves no half-written file at ``path``.
+    A crash or an exception leaves no half-written file at ``path``. The file gets the
+    permissions the umask gives new files (not ``mkstemp``'s 0600); a write that fails
+    because the disk is full raises a CPNNInputError saying so.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = suffix if suffix is not None else "".join(path.suffixes) or ".tmp"
+    from .outputs import apply_umask, disk_full_error, free_bytes, is_disk_full, MIN_FREE_BYTES
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix + ".part", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    apply_umask(tmp_path)  # mkstemp makes 0600; a written output should look like any other new file
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except Exception as exc:
+        # HDF5 and torch's zip writer word a full disk as a crash ("unexpected pos ...")
+        free = free_bytes(path.parent)
+        if is_disk_full(exc) or (free is not None and free < MIN_FREE_BYTES):
+            raise disk_full_error(path.parent) from exc
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -383,7 +383,13 @@ def _extract_or_reuse(out_path: Path, overwrite: bool, slide: Any, decode: Calla
                       tta: str, batch_size: int, num_workers: int, progress: bool) -> FeatureFile:
     """Read ``out_path`` back when it is complete with these settings; else decode, encode
     and write it (decoding of the next batches overlapped with the encoder)."""
-    expected = {k: attrs[k] for k in ("encoder", "patch_size_px", "patch_um", "tta")}
+    from cpnn.image.identity import slide_identity
+
+    source = slide_identity(slide)
+    if source is not None:
+        attrs["source_identity"] = source  # a changed image (rotated, re-scanned) misses the cache
+    expected = {k: attrs[k] for k in ("encoder", "patch_size_px", "patch_um", "tta", "level0_mpp")}
+    expected["source_identity"] = source if source is not None else "unknown"
     if out_path.exists() and not overwrite and _settings_match(out_path, expected, ids, coords):
         return read_feature_file(out_path)
     _warm_up(slide, num_workers)

@@ -153,6 +153,24 @@ def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_
             progress: bool = True):
     """Train on ``samples`` and write the run folder ``out``; returns the model.
 
+    The run is written into a temporary sibling and swapped in when complete
+    (:func:`cpnn.runfolder.staged_run_folder`): a failure or a kill leaves the previous run
+    at ``out`` untouched; ``out`` must be new, empty or an earlier run folder."""
+    from ..runfolder import staged_run_folder
+    from ..train.distributed import dist_env
+
+    out = Path(out)
+    if dist_env()[0] != 0:  # only rank 0 writes; the others keep their features in memory
+        return _fit_into(samples, opts, None, out, features_dir, progress)
+    with staged_run_folder(out) as staged:
+        return _fit_into(samples, opts, staged, out, features_dir, progress)
+
+
+def _fit_into(samples: List[SpatialSample], opts: FitOptions, out: Optional[Path], shown: Path, features_dir=None,
+              progress: bool = True):
+    """Train on ``samples`` and write the run into ``out`` (None: write nothing); ``shown`` is
+    the folder named in messages.
+
     With ``progress``, every stage is announced on stdout as it starts (prototypes,
     features sample by sample, ensemble training, residual head) and the files written
     are listed at the end. Under ``torchrun`` with several processes, training is
@@ -164,7 +182,6 @@ def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_
     say = stage_printer(progress and main_process)
     t0 = time.perf_counter()
     seed_everything(opts.seed)
-    out.mkdir(parents=True, exist_ok=True)
     resolve_subpatch_grid(opts, features_dir)
     if main_process:
         _write_config(out, opts, samples)
@@ -176,7 +193,8 @@ def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_
         protos.save(out / "prototypes.h5ad")
     say(f"prototypes: {len(protos.cell_types)} cell types x {len(protos.genes)} genes")
     t_protos = time.perf_counter() - t0
-    attach_features(samples, opts.features, cache_dir=out / "features", features_dir=features_dir,
+    attach_features(samples, opts.features, cache_dir=out / "features" if out is not None else None,
+                    features_dir=features_dir,
                     progress=progress and main_process)
     t_feats = time.perf_counter() - t0 - t_protos
     if main_process and features_dir is not None:  # again, with the grid the feature files decided
@@ -215,7 +233,7 @@ def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_
         "seconds": {"prototypes": round(t_protos, 1), "features": round(t_feats, 1),
                     "total": round(time.perf_counter() - t0, 1)},
     })
-    say(f"wrote {out}/ (model.cpnn, prototypes.h5ad, config.json, metrics.json, features/) in "
+    say(f"wrote {shown}/ (model.cpnn, prototypes.h5ad, config.json, metrics.json, manifest.json, features/) in "
         f"{time.perf_counter() - t0:.0f} s")
     return model
 
@@ -269,24 +287,34 @@ def _write_config(out: Path, opts: FitOptions, samples: Sequence[SpatialSample],
 
 
 def load_run_model(run: Path):
-    """The model of a run folder (or a model file)."""
+    """The model of a run folder (or a model file); a run folder must match its manifest."""
     from ..model import CPNN
+    from ..runfolder import check_config_matches, verify_run_folder
 
+    verify_run_folder(run)
     path = run / "model.cpnn" if run.is_dir() else run
-    return CPNN.load(path)
+    model = CPNN.load(path)
+    check_config_matches(run, model)
+    return model
 
 
 def run_predict(run: Path, samples: List[SpatialSample], out: Path, features_dir=None, progress: bool = True):
     """Predict every sample with the run's model; write ``.h5ad`` file(s). Returns the AnnDatas."""
     import anndata as ad  # noqa: F401  (AnnData writing)
 
+    from ..outputs import check_out_file, check_out_folder
+    from ..runfolder import prediction_cache_dir
+    from .spatial import assign_file_stems
+
+    several = len(samples) > 1
+    assign_file_stems(samples)
+    check_out_folder(out) if several else check_out_file(out)  # before any work
     model = load_run_model(run)
     enc = model.encoder or {}
     spec = FeatureSpec.from_encoder_info(enc)
-    cache = (run if run.is_dir() else run.parent) / "features"
-    attach_features(samples, spec, cache_dir=cache, features_dir=features_dir, progress=progress)
+    attach_features(samples, spec, cache_dir=prediction_cache_dir(run), features_dir=features_dir,
+                    progress=progress)
     preds = []
-    several = len(samples) > 1
     if several:
         out.mkdir(parents=True, exist_ok=True)
     for s in samples:
@@ -300,9 +328,9 @@ def run_predict(run: Path, samples: List[SpatialSample], out: Path, features_dir
             check_encoder(enc, {"name": attrs.get("encoder"), "out_px": attrs.get("patch_size_px"),
                                 "patch_um": None if patch_um is None else float(patch_um) * spec.subpatch_grid,
                                 "tta": attrs.get("tta")},
-                          Path(features_dir) / f"{s.sample_id}.h5")
+                          Path(features_dir) / f"{s.file_stem}.h5")
         pred = prediction_anndata(model, s)
-        target = out / f"{s.sample_id}.h5ad" if several else out
+        target = out / f"{s.file_stem}.h5ad" if several else out
         with atomic_path(target, suffix=".h5ad") as tmp:
             pred.write_h5ad(tmp)
         preds.append(pred)

@@ -54,6 +54,15 @@ class SpatialSample:
     features: Optional[np.ndarray] = None
     meta: Dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def file_stem(self) -> str:
+        """The sample's name in file paths (``cpnn.outputs.safe_stem`` of its id)."""
+        if "file_stem" not in self.meta:
+            from ..outputs import safe_stem
+
+            self.meta["file_stem"] = safe_stem(self.sample_id, source=self.meta.get("source"))
+        return self.meta["file_stem"]
+
 
 # --------------------------------------------------------------------------- inputs
 def load_inputs(
@@ -103,7 +112,7 @@ def load_inputs(
         for i, outs in enumerate(visium):
             img = images[i] if i < len(images) else None
             a = D.read_visium(outs, image_path=img, mpp=mpp)
-            out.append(SpatialSample(str(a.uns[UNS_INPUT]["sample_id"]), a))
+            out.append(SpatialSample(str(a.uns[UNS_INPUT]["sample_id"]), a, meta={"source": outs}))
     elif hest:
         for sid in hest_ids or []:
             out.append(SpatialSample(sid, D.read_hest(hest, sid, mpp=mpp, require_image=require_image)))
@@ -113,8 +122,21 @@ def load_inputs(
         for i, path in enumerate(h5ad):
             img = images[i] if i < len(images) else None
             a = D.read_spatial_h5ad(path, image_path=img, mpp=mpp, require_image=require_image)
-            out.append(SpatialSample(str(a.uns[UNS_INPUT].get("sample_id") or Path(path).stem), a))
+            out.append(SpatialSample(str(a.uns[UNS_INPUT].get("sample_id") or Path(path).stem), a,
+                                     meta={"source": path}))
+    assign_file_stems(out)
     return out
+
+
+def assign_file_stems(samples: Sequence[SpatialSample]) -> None:
+    """Give every sample its safe file stem; two samples that would share files are an error."""
+    from ..outputs import unique_stems
+
+    stems = unique_stems([(s.sample_id, s.meta.get("source")) for s in samples], field="sample id",
+                         fix="give each input its own sample id (two files named alike in different "
+                             "folders: rename one, or set uns['cpnn_input']['sample_id'] in the .h5ad)")
+    for s in samples:
+        s.meta["file_stem"] = stems[s.sample_id]
 
 
 def attach_features(
@@ -139,8 +161,8 @@ def attach_features(
         if features_dir is not None:
             s.features = read_features_for(s, Path(features_dir))
             if spec.subpatch_grid is None:
-                spec.subpatch_grid = feature_grid(s.features, Path(features_dir) / f"{s.sample_id}.h5")
-            check_feature_grid(s.features, spec.subpatch_grid, Path(features_dir) / f"{s.sample_id}.h5")
+                spec.subpatch_grid = feature_grid(s.features, Path(features_dir) / f"{s.file_stem}.h5")
+            check_feature_grid(s.features, spec.subpatch_grid, Path(features_dir) / f"{s.file_stem}.h5")
             s.features = context_features(s.features, s.adata.obsm[SPATIAL], spec.context_rings)
             continue
         if spec.subpatch_grid is None:
@@ -152,7 +174,7 @@ def attach_features(
             encoder = create_encoder(spec.encoder)
         from .features import spot_features
 
-        cache = None if cache_dir is None else Path(cache_dir) / f"{s.sample_id}.h5"
+        cache = None if cache_dir is None else Path(cache_dir) / f"{s.file_stem}.h5"
         s.features = spot_features(s.adata, encoder, patch_um=spec.patch_um, out_px=spec.out_px,
                                    cache_path=cache, tta=spec.tta, batch_size=spec.batch_size, progress=progress,
                                    subpatch_grid=spec.subpatch_grid)
@@ -162,11 +184,11 @@ def attach_features(
 def _feature_stage(sample: SpatialSample, spec: FeatureSpec, i: int, n: int, features_dir, cache_dir) -> str:
     head = f"features {i + 1}/{n} ({sample.sample_id})"
     if features_dir is not None:
-        return f"{head}: reading {Path(features_dir) / f'{sample.sample_id}.h5'}"
+        return f"{head}: reading {Path(features_dir) / f'{sample.file_stem}.h5'}"
     grid = int(spec.subpatch_grid or 1)
     n_obs = sample.adata.n_obs
     what = f"{n_obs} spots x {grid}x{grid} sub-patches" if grid > 1 else f"{n_obs} spots"
-    cache = None if cache_dir is None else Path(cache_dir) / f"{sample.sample_id}.h5"
+    cache = None if cache_dir is None else Path(cache_dir) / f"{sample.file_stem}.h5"
     if cache is not None and cache.is_file():
         return f"{head}: {what}, reusing {cache} (re-extracted if its settings differ)"
     return f"{head}: extracting {what} ({spec.encoder}, {spec.patch_um:g} µm patches)"
@@ -201,7 +223,7 @@ def read_features_for(sample: SpatialSample, features_dir: Path) -> np.ndarray:
     writes them) gives ``(n_spots, k, D)``."""
     from ..encoders import read_feature_file
 
-    path = features_dir / f"{sample.sample_id}.h5"
+    path = features_dir / f"{sample.file_stem}.h5"
     if not path.is_file():
         raise CPNNInputError(f"no feature file for sample {sample.sample_id}", path=path,
                              fix="name feature files {sample_id}.h5, or drop --features to extract them")
@@ -362,7 +384,7 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
     if SUBPATCH_WEIGHTS in pred.obsm:
         pred.uns[UNS]["subpatches"] = _subpatch_layout(pred.obsm[SUBPATCH_WEIGHTS].shape[1], model.encoder,
                                                        info.get("mpp"))
-    _add_spatial_image(pred, sample.sample_id, info, image_max_px)
+    _add_spatial_image(pred, sample.file_stem, info, image_max_px)  # an h5 key: no "/"
     return pred
 
 

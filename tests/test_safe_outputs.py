@@ -1,0 +1,292 @@
+"""Nothing lost, nothing overwritten, nothing written outside --out (issue 16).
+
+Each test replays one way a careless or hostile user broke the CLI: ids that are paths,
+stale feature caches, same-name inputs, half-old run folders, unrelated files replaced,
+0600 outputs, unclear errors. Everything runs on a tiny seeded synthetic cohort with
+precomputed features or a tiny registered encoder, so the whole file takes seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ad = pytest.importorskip("anndata")
+torch = pytest.importorskip("torch")
+
+import cpnn  # noqa: E402
+from cpnn.cli import main  # noqa: E402
+from cpnn.errors import CPNNInputError  # noqa: E402
+
+TINY = "tiny-issue16"
+
+
+def _register_tiny() -> None:
+    from cpnn.encoders import registry
+
+    if TINY in registry.list_encoders():
+        return
+
+    class _Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 4, 5, stride=4)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return torch.cat([y.mean((2, 3)), y.amax((2, 3))], dim=1)
+
+    @registry.register_encoder(TINY, dim=8, input_px=32, weights="offline", source="tests")
+    def _factory(device="cpu", **kw):
+        return registry.Encoder(TINY, _Net(), dim=8, input_px=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def _features(adata, dim, seed):
+    rng = np.random.default_rng(seed)
+    p = np.asarray(adata.obsm["true_proportions"], dtype=np.float32)
+    mix = np.random.default_rng(0).normal(size=(p.shape[1], dim)).astype(np.float32)
+    return p @ mix + 0.05 * rng.normal(size=(adata.n_obs, dim)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Three tiny sections, prototypes, feature files and a fitted run (via the CLI)."""
+    from cpnn.data import make_synthetic_cohort, read_spatial_h5ad
+    from cpnn.encoders import write_feature_file
+    from cpnn.prototypes import reference_qc
+
+    torch.set_num_threads(1)
+    _register_tiny()
+    root = tmp_path_factory.mktemp("issue16")
+    c = make_synthetic_cohort(n_slides=3, n_types=3, n_genes=40, image_px=256, spot_pitch_um=30.0,
+                              spot_diameter_um=28.0, n_ref_cells=150, seed=5)
+    c.save(root / "cohort")
+    (root / "feats").mkdir()
+    for i, s in enumerate(c.slides):
+        a = read_spatial_h5ad(root / "cohort" / f"{s.slide_id}.h5ad")
+        write_feature_file(root / "feats" / f"{s.slide_id}.h5", _features(a, 16, i),
+                           np.asarray(a.obsm["spatial"], dtype=np.int64), {"encoder": TINY},
+                           ids=list(map(str, a.obs_names)))
+    ref = reference_qc(c.reference, "cell_type", min_genes=5)
+    cpnn.build_prototypes(ref, "cell_type", method="naive", genes=c.genes).save(root / "protos.h5ad")
+    (root / "fit.yaml").write_text("train:\n  n_models: 1\n  max_epochs: 2\nmodel:\n  hidden: [8]\n"
+                                   "  residual_head: none\n")
+    h5 = [str(root / "cohort" / f"{s.slide_id}.h5ad") for s in c.slides]
+    run = root / "run"
+    assert main(["fit", "--h5ad", *h5[:2], "--features", str(root / "feats"), "--reference",
+                 str(root / "protos.h5ad"), "--config", str(root / "fit.yaml"), "--out", str(run),
+                 "--encoder", TINY, "--no-progress"]) == 0
+    return dict(root=root, h5=h5, run=run, cohort=c)
+
+
+def _fit_args(cohort, out, *extra):
+    return ["fit", "--h5ad", *cohort["h5"][:2], "--features", str(cohort["root"] / "feats"), "--reference",
+            str(cohort["root"] / "protos.h5ad"), "--config", str(cohort["root"] / "fit.yaml"), "--out", str(out),
+            "--encoder", TINY, "--no-progress", *extra]
+
+
+def _with_sample_id(src: str, dst: Path, sample_id: str) -> Path:
+    a = ad.read_h5ad(src)
+    a.uns["cpnn_input"] = {**dict(a.uns["cpnn_input"]), "sample_id": sample_id}
+    a.write_h5ad(dst)
+    return dst
+
+
+def _tree(folder: Path) -> set:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
+
+
+# ------------------------------------------------------------------ 1. ids that are paths
+@pytest.mark.parametrize("hostile", ["../../escaped", "/tmp/cpnn-issue16-abs", "a/b", "..", "bad\x07id"])
+def test_sample_id_cannot_write_outside_out(cohort, tmp_path, hostile):
+    work = tmp_path / "deep" / "er"
+    work.mkdir(parents=True)
+    inputs = [_with_sample_id(cohort["h5"][2], work / "x1.h5ad", hostile),
+              _with_sample_id(cohort["h5"][1], work / "x2.h5ad", "ok")]
+    import shutil
+    import warnings
+
+    from cpnn.outputs import safe_stem
+
+    feats = work / "feats"
+    feats.mkdir()
+    shutil.copy(cohort["root"] / "feats" / "S02.h5", feats / "ok.h5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            shutil.copy(cohort["root"] / "feats" / "S03.h5", feats / f"{safe_stem(hostile)}.h5")
+        except CPNNInputError:
+            pass
+    before = _tree(tmp_path)
+    out = work / "preds"
+    try:
+        rc = main(["predict", str(cohort["run"]), "--h5ad", *map(str, inputs), "--features",
+                   str(feats), "--out", str(out), "--no-progress"])
+    except CPNNInputError:
+        rc = 2
+    created = _tree(tmp_path) - before
+    assert all(c.startswith("deep/er/preds") for c in created), created
+    assert not Path("/tmp/cpnn-issue16-abs.h5ad").exists()
+    if hostile == "..":  # nothing left of it: refused
+        assert rc == 2 and not created
+    else:  # cleaned into a file name inside --out
+        assert rc == 0 and len(list(out.glob("*.h5ad"))) == 2
+
+
+def test_safe_stem_rule():
+    from cpnn.outputs import safe_stem
+
+    with pytest.warns(UserWarning, match="not a safe file name"):
+        assert safe_stem("../../x") == "_.._x"
+    with pytest.warns(UserWarning):
+        assert "/" not in safe_stem("/etc/passwd") and not safe_stem("/etc/passwd").startswith(".")
+    assert safe_stem("C2") == "C2"
+    for bad in ("", "..", "/", "\x00"):
+        with pytest.raises(CPNNInputError, match="cannot be used as a file name"):
+            safe_stem(bad)
+
+
+# ------------------------------------------------------------------ 3. same-name inputs
+def test_two_inputs_with_one_name_are_refused(cohort, tmp_path, capsys):
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    a = _with_sample_id(cohort["h5"][0], tmp_path / "a" / "sample.h5ad", "sample")
+    b = _with_sample_id(cohort["h5"][1], tmp_path / "b" / "sample.h5ad", "sample")
+    rc = main(["predict", str(cohort["run"]), "--h5ad", str(a), str(b), "--features", str(cohort["root"] / "feats"),
+               "--out", str(tmp_path / "preds"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "share the sample id 'sample'" in err and "Fix:" in err
+    assert not (tmp_path / "preds").exists()
+
+
+def test_plot_of_two_same_stem_predictions_is_refused(tmp_path, capsys):
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "pred.h5ad").write_bytes(b"\x89HDF\r\n\x1a\n")
+    rc = main(["plot", str(tmp_path / "a" / "pred.h5ad"), str(tmp_path / "b" / "pred.h5ad"),
+               "--out", str(tmp_path / "figs")])
+    assert rc == 2 and "pred" in capsys.readouterr().err
+    assert not (tmp_path / "figs").exists()
+
+
+def test_plot_of_a_non_h5ad_is_a_clear_error(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    rc = main(["plot", str(notes), "--out", str(tmp_path / "figs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "notes.txt" in err and "Fix:" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ 4. half-old run folders
+def test_failed_refit_leaves_the_old_run_intact(cohort, tmp_path, monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cohort["run"], run)
+    before = {p: (run / p).read_bytes() for p in ("model.cpnn", "config.json", "prototypes.h5ad", "metrics.json")}
+    import cpnn.workflows.fit as fit
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # like Ctrl-C in training
+    monkeypatch.setattr(fit, "fit_spot_model", boom)
+    with pytest.raises(KeyboardInterrupt):
+        main(_fit_args(cohort, run, "--genes", str(_six_genes(cohort, tmp_path))))
+    after = {p: (run / p).read_bytes() for p in before}
+    assert after == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.partial")]
+
+
+def _six_genes(cohort, tmp_path) -> Path:
+    p = tmp_path / "six.txt"
+    p.write_text("\n".join(cohort["cohort"].genes[:6]) + "\n")
+    return p
+
+
+def test_refit_swaps_in_a_complete_run_with_a_manifest(cohort, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cohort["run"], run)
+    assert main(_fit_args(cohort, run, "--genes", str(_six_genes(cohort, tmp_path)))) == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert set(manifest["files"]) >= {"model.cpnn", "config.json", "prototypes.h5ad", "metrics.json"}
+    assert cpnn.CPNN.load(run / "model.cpnn").genes == cohort["cohort"].genes[:6]
+    assert json.loads((run / "config.json").read_text())["used"]["n_genes"] == 6
+    # a file changed behind the manifest's back: predict refuses the folder
+    (run / "config.json").write_text((run / "config.json").read_text() + " ")
+    with pytest.raises(CPNNInputError, match="differs from what `cpnn fit` wrote"):
+        from cpnn.workflows.fit import load_run_model
+
+        load_run_model(run)
+
+
+def test_mixed_run_folder_without_manifest_is_refused(cohort, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cohort["run"], run)
+    (run / "manifest.json").unlink()
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["used"]["genes"] = cfg["used"]["genes"][:6]
+    (run / "config.json").write_text(json.dumps(cfg))
+    from cpnn.workflows.fit import load_run_model
+
+    with pytest.raises(CPNNInputError, match="mixes two runs"):
+        load_run_model(run)
+
+
+def test_fit_out_must_not_be_a_file_or_a_foreign_folder(cohort, tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    assert main(_fit_args(cohort, f)) == 2
+    assert f.read_text() == "keep me"
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("precious")
+    assert main(_fit_args(cohort, home)) == 2
+    assert (home / "thesis.tex").read_text() == "precious"
+    err = capsys.readouterr().err
+    assert "not a cpnn run folder" in err and "Fix:" in err
+
+
+# ------------------------------------------------------------------ 5. / 13. predict --out
+def test_predict_out_does_not_replace_an_unrelated_file(cohort, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    rc = main(["predict", str(cohort["run"]), "--h5ad", cohort["h5"][2], "--features", str(cohort["root"] / "feats"),
+               "--out", str(notes), "--no-progress"])
+    assert rc == 2 and notes.read_text() == "my notes"
+    assert "notes.txt" in capsys.readouterr().err
+
+
+def test_predict_out_existing_folder_is_refused_before_work(cohort, tmp_path, capsys, monkeypatch):
+    import cpnn.workflows.fit as fit
+
+    monkeypatch.setattr(fit, "attach_features", lambda *a, **k: pytest.fail("work started"))
+    rc = main(["predict", str(cohort["run"]), "--h5ad", cohort["h5"][2], "--features", str(cohort["root"] / "feats"),
+               "--out", str(tmp_path), "--no-progress"])
+    assert rc == 2 and "existing folder" in capsys.readouterr().err
+
+
+def test_outputs_respect_the_umask(cohort, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "pred.h5ad"
+        assert main(["predict", str(cohort["run"]), "--h5ad", cohort["h5"][2], "--features",
+                     str(cohort["root"] / "feats"), "--out", str(out), "--no-progress"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    from cpnn.utils import write_json
+
+    os.umask(0o077)
+    try:
+        write_json(tmp_path / "x.json", {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o600
