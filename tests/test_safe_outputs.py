@@ -22,28 +22,7 @@ import cpnn  # noqa: E402
 from cpnn.cli import main  # noqa: E402
 from cpnn.errors import CPNNInputError  # noqa: E402
 
-TINY = "tiny-issue16"
-
-
-def _register_tiny() -> None:
-    from cpnn.encoders import registry
-
-    if TINY in registry.list_encoders():
-        return
-
-    class _Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.conv = torch.nn.Conv2d(3, 4, 5, stride=4)
-
-        def forward(self, x):
-            y = torch.relu(self.conv(x))
-            return torch.cat([y.mean((2, 3)), y.amax((2, 3))], dim=1)
-
-    @registry.register_encoder(TINY, dim=8, input_px=32, weights="offline", source="tests")
-    def _factory(device="cpu", **kw):
-        return registry.Encoder(TINY, _Net(), dim=8, input_px=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+from _tiny_encoder import TINY, register_tiny as _register_tiny  # noqa: E402
 
 
 def _features(adata, dim, seed):
@@ -69,7 +48,7 @@ def cohort(tmp_path_factory):
     (root / "feats").mkdir()
     for i, s in enumerate(c.slides):
         a = read_spatial_h5ad(root / "cohort" / f"{s.slide_id}.h5ad")
-        write_feature_file(root / "feats" / f"{s.slide_id}.h5", _features(a, 16, i),
+        write_feature_file(root / "feats" / f"{s.slide_id}.h5", _features(a, 8, i),
                            np.asarray(a.obsm["spatial"], dtype=np.int64), {"encoder": TINY},
                            ids=list(map(str, a.obs_names)))
     ref = reference_qc(c.reference, "cell_type", min_genes=5)
@@ -290,3 +269,93 @@ def test_outputs_respect_the_umask(cohort, tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o600
+
+
+# ------------------------------------------------------------------ 2. stale feature cache
+def _predict_extracting(cohort, h5, out):
+    return main(["predict", str(cohort["run"]), "--h5ad", h5, "--out", str(out), "--no-progress"])
+
+
+def test_rotated_image_invalidates_the_feature_cache(cohort, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    src = ad.read_h5ad(cohort["h5"][2])
+    img = tmp_path / "S03.png"
+    shutil.copy(src.uns["cpnn_input"]["image_path"], img)
+    h5 = tmp_path / "S03.h5ad"
+    src.uns["cpnn_input"] = {**dict(src.uns["cpnn_input"]), "image_path": str(img)}
+    src.write_h5ad(h5)
+    assert _predict_extracting(cohort, str(h5), tmp_path / "p1.h5ad") == 0
+    first = ad.read_h5ad(tmp_path / "p1.h5ad").X
+    st = img.stat()
+    Image.open(img).rotate(180).save(img)  # same name, same size in pixels
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with the old modification time
+    assert _predict_extracting(cohort, str(h5), tmp_path / "p2.h5ad") == 0
+    second = ad.read_h5ad(tmp_path / "p2.h5ad").X
+    assert not np.allclose(first, second)
+    # and the cache now holds the rotated image's features: a third run agrees with the second
+    assert _predict_extracting(cohort, str(h5), tmp_path / "p3.h5ad") == 0
+    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "p3.h5ad").X, second)
+
+
+def test_cache_key_follows_the_pixels_of_an_array_slide(tmp_path):
+    from cpnn.encoders import create_encoder, extract_spot_features
+    from cpnn.image import ArraySlide
+
+    _register_tiny()
+    enc = create_encoder(TINY)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8)
+    centers = np.array([[40.0, 40.0], [100.0, 60.0], [120.0, 90.0]])
+    out = tmp_path / "f.h5"
+    a = extract_spot_features(ArraySlide(img, mpp=0.5), centers, ["a", "b", "c"], enc, out, patch_um=20,
+                              progress=False).features
+    flipped = np.ascontiguousarray(img[::-1, ::-1])
+    b = extract_spot_features(ArraySlide(flipped, mpp=0.5), centers, ["a", "b", "c"], enc, out, patch_um=20,
+                              progress=False).features
+    assert not np.allclose(a, b)
+
+
+# ------------------------------------------------------------------ 10. model in a read-only place
+def test_model_in_a_read_only_place_caches_in_the_user_cache(cohort, tmp_path, monkeypatch):
+    import cpnn.runfolder as rf
+
+    real = rf._writable
+    run = cohort["run"]
+    monkeypatch.setattr(rf, "_writable", lambda p: False if str(p).startswith(str(run)) else real(p))
+    monkeypatch.setenv("CPNN_CACHE_DIR", str(tmp_path / "cache"))
+    before = _tree(run)
+    assert _predict_extracting(cohort, cohort["h5"][2], tmp_path / "p.h5ad") == 0
+    assert _tree(run) == before
+    assert list((tmp_path / "cache" / "features").glob("*/S03.h5"))
+    # neither writable: no cache at all, still a prediction
+    monkeypatch.setattr(rf, "_writable", lambda p: False)
+    assert rf.prediction_cache_dir(run) is None
+    assert _predict_extracting(cohort, cohort["h5"][2], tmp_path / "q.h5ad") == 0
+
+
+def test_unwritable_out_is_refused_before_work(cohort, capsys):
+    rc = main(_fit_args(cohort, "/proc/cpnn-issue16-run"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot write here" in err and "--out" in err
+
+
+# ------------------------------------------------------------------ 8. disk full
+def test_disk_full_is_named(tmp_path, monkeypatch):
+    import errno
+
+    import cpnn.outputs as outputs
+    from cpnn.utils import atomic_path
+
+    with pytest.raises(CPNNInputError, match=r"disk full at .*free space"):
+        with atomic_path(tmp_path / "x.h5"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    # torch's zip writer says "unexpected pos" when the disk fills: judged by the free space
+    monkeypatch.setattr(outputs, "free_bytes", lambda p: 1000)
+    with pytest.raises(CPNNInputError, match="disk full"):
+        with atomic_path(tmp_path / "model.cpnn"):
+            raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0")
+    with pytest.raises(CPNNInputError, match="disk full"):
+        outputs.check_free_space(tmp_path)

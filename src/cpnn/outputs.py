@@ -227,3 +227,43 @@ def check_out_file(out: os.PathLike | str, suffixes: Iterable[str] = (".h5ad",),
                              fix=f"give {flag} a new file name ending in {suffixes[0]}, or remove that file yourself")
     check_writable_dir(out.parent, flag)
     return out
+
+
+class FolderLock:
+    """An exclusive ``fcntl.flock`` on ``folder/name``, held while a command writes there.
+
+    The kernel drops the lock when the process dies (also on ``kill -9``), so a stale lock
+    file never blocks a later run. Where ``fcntl`` is missing (Windows) it is a no-op."""
+
+    def __init__(self, folder: os.PathLike | str, name: str, what: str, flag: str = "--out") -> None:
+        self.path = Path(folder) / name
+        self.what = what
+        self.flag = flag
+        self._fh = None
+
+    def __enter__(self) -> "FolderLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise CPNNInputError(f"{self.what} is already writing into this folder ({holder})",
+                                 path=self.path.parent, field=self.flag,
+                                 fix=f"wait for it to finish, or give {self.flag} another folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing releases the lock
+            self._fh = None

@@ -217,13 +217,43 @@ def is_done(out_dir: Path, job: SlideJob, settings: ExtractSettings) -> bool:
         return False
     return (info.get("settings") == settings.identity() and info.get("h5_bytes") == h5.stat().st_size
             and info.get("source") == _source_stamp(job.path)
-            and info.get("mpp_override") == (job.mpp if job.mpp is not None else settings.mpp))
+            and info.get("mpp_override") == (job.mpp if job.mpp is not None else settings.mpp)
+            and info.get("h5_sha256") == _sha256(h5))  # a corrupted file of the right size is redone
 
 
 _WORKER_ENCODERS: Dict[Tuple[str, str], Any] = {}
 
 
-def _init_worker(threads: int, plugins: Sequence[str]) -> None:
+def die_with_parent() -> None:
+    """Make this (worker) process end when its parent dies, even by ``kill -9``: Linux's
+    ``PR_SET_PDEATHSIG``, elsewhere a thread that watches the parent's pid."""
+    parent = os.getppid()
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) == 0:
+            if os.getppid() != parent:  # the parent died before the call
+                os._exit(1)
+            return
+    except (OSError, AttributeError):
+        pass
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="cpnn-parent-watch", daemon=True).start()
+
+
+def _init_worker(threads: int, plugins: Sequence[str], die_with_parent_: bool = False) -> None:
+    if die_with_parent_:
+        die_with_parent()
     import torch
 
     torch.set_num_threads(max(1, int(threads)))
@@ -266,6 +296,9 @@ def extract_one(job: SlideJob, out_dir: Path, settings: ExtractSettings) -> Dict
     h5, marker = output_paths(out_dir, job)
     mpp = job.mpp if job.mpp is not None else settings.mpp
     try:
+        from ..outputs import check_free_space
+
+        check_free_space(out_dir)  # HDF5 crashes (SIGSEGV) instead of reporting a full disk
         _clean_partials(out_dir, job.stem)
         with open_slide(job.path, mpp=mpp) as slide:
             ff = extract_tile_features(slide, h5, _encoder(settings), tile_px=settings.tile_px,
@@ -279,6 +312,10 @@ def extract_one(job: SlideJob, out_dir: Path, settings: ExtractSettings) -> Dict
         write_json(marker, info)
         return {"slide": str(job.path), "status": "done", "n_tiles": info["n_tiles"], "seconds": info["seconds"]}
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the others
+        from ..outputs import disk_full_error, is_disk_full
+
+        if is_disk_full(exc):
+            exc = disk_full_error(out_dir)
         clear = isinstance(exc, CPNNInputError)
         return {"slide": str(job.path), "status": "failed", "error_type": type(exc).__name__,
                 "error": str(exc) if clear else f"unexpected {type(exc).__name__} while extracting: {exc}",
@@ -324,15 +361,25 @@ def extract_slides(
     dict
         ``done``, ``skipped``, ``failed`` (lists of results), ``n_slides``, ``shard``, ``seconds``.
     """
+    from ..outputs import FolderLock, check_out_folder
+
     settings = settings or ExtractSettings()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_out_folder(out_dir)  # an existing file or a read-only place: refused before any work
     jobs = slides if slides and isinstance(slides[0], SlideJob) else resolve_slides(slides)  # type: ignore[index]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # one run per shard and folder: a second would delete the first one's .part files
+    with FolderLock(out_dir, f".cpnn-extract{_shard_suffix(shard)}.lock", "another `cpnn extract` of this shard"):
+        return _extract_locked(jobs, out_dir, settings, shard, workers, threads_per_worker, log)
+
+
+def _extract_locked(jobs: Sequence[SlideJob], out_dir: Path, settings: ExtractSettings, shard: Tuple[int, int],
+                    workers: int, threads_per_worker: Optional[int], log) -> Dict[str, Any]:
     mine = shard_slides(jobs, *shard)
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
-    skipped = [{"slide": str(j.path), "status": "skipped"} for j in mine if is_done(out_dir, j, settings)]
-    todo = [j for j in mine if not is_done(out_dir, j, settings)]
+    done_before = [is_done(out_dir, j, settings) for j in mine]  # hashes each finished file once
+    skipped = [{"slide": str(j.path), "status": "skipped"} for j, d in zip(mine, done_before) if d]
+    todo = [j for j, d in zip(mine, done_before) if not d]
     say(f"shard {shard[0]}/{shard[1]}: {len(mine)} of {len(jobs)} slides; {len(skipped)} already done, "
         f"{len(todo)} to extract")
     results: List[Dict[str, Any]] = []
@@ -355,17 +402,21 @@ def extract_slides(
 
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
-                                 initargs=(threads, tuple(settings.plugins))) as pool:
+                                 initargs=(threads, tuple(settings.plugins), True)) as pool:
             futures = {pool.submit(extract_one, job, out_dir, settings): job for job in todo}
             for fut in as_completed(futures):
                 job = futures[fut]
                 try:
                     record(fut.result())
                 except BrokenProcessPool as exc:
+                    from ..outputs import MIN_FREE_BYTES, disk_full_error, free_bytes
+
+                    free = free_bytes(out_dir)
+                    why = (str(disk_full_error(out_dir)) if free is not None and free < MIN_FREE_BYTES
+                           else "out of memory or a crash in a native library")
                     record({"slide": str(job.path), "status": "failed", "error_type": "BrokenProcessPool",
                             "error": f"the worker process died while extracting this slide or another ({exc}); "
-                                     "out of memory or a crash in a native library",
-                            "traceback": None})
+                                     + why, "traceback": None})
     done = [r for r in results if r["status"] == "done"]
     failed = [r for r in results if r["status"] == "failed"]
     suffix = _shard_suffix(shard)

@@ -1,0 +1,28 @@
+"""A tiny registered encoder so that tests extracting features run in milliseconds."""
+from __future__ import annotations
+
+import torch
+
+TINY = "tiny-issue16"
+
+
+def register_tiny() -> None:
+    """Register a tiny deterministic encoder (8-d, 32 px) under ``TINY`` (once)."""
+    from cpnn.encoders import registry
+
+    if TINY in registry.list_encoders():
+        return
+
+    class _Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 4, 5, stride=4)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return torch.cat([y.mean((2, 3)), y.amax((2, 3))], dim=1)
+
+    @registry.register_encoder(TINY, dim=8, input_px=32, weights="offline", source="tests")
+    def _factory(device="cpu", **kw):
+        return registry.Encoder(TINY, _Net(), dim=8, input_px=32, mean=(0.5,) * 3, std=(0.25,) * 3)
