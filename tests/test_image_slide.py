@@ -87,11 +87,13 @@ def test_svs_without_mpp_errors_and_override_works():
         assert s.level_count == 2
 
 
-def test_user_mpp_overrides_metadata_and_is_validated():
+def test_slide_mpp_wins_over_user_mpp_which_is_validated():
+    """--mpp applies only to slides without one (issue 16): a disagreeing value is ignored, loudly."""
     path = _wsi("cmu-1-small-region.svs")
-    with open_slide(path, mpp=0.3) as s:
-        assert s.mpp == 0.3
-    for bad in (0, -1, 250, float("nan")):
+    with pytest.warns(UserWarning, match="is ignored"):
+        with open_slide(path, mpp=0.3) as s:
+            assert s.mpp == pytest.approx(0.499, abs=0.01)
+    for bad in (0, -1, 250, 1e-6, 100, float("nan")):
         with pytest.raises(CPNNInputError, match="mpp"):
             open_slide(path, mpp=bad)
 

@@ -267,8 +267,10 @@ def test_spatial_h5ad_uses_uns_and_relative_image(tmp_path):
     assert b.uns["cpnn_input"]["counts_source"] == "layers['counts']"
     assert b.obs["section"].tolist() == ["s1"] * 3 + ["s2"] * 3
     assert b.obs["patient"].tolist() == ["p1"] * 3 + ["p2"] * 3
-    c = read_spatial_h5ad(tmp_path / "x.h5ad", mpp=0.25, sample_id="only")
-    assert c.uns["cpnn_input"]["mpp"] == 0.25 and set(c.obs["section"]) == {"only"}
+    # the file's own mpp wins; a disagreeing mpp= / --mpp is ignored, loudly (issue 16)
+    with pytest.warns(UserWarning, match="is ignored"):
+        c = read_spatial_h5ad(tmp_path / "x.h5ad", mpp=0.25, sample_id="only")
+    assert c.uns["cpnn_input"]["mpp"] == 0.5 and set(c.obs["section"]) == {"only"}
 
 
 def test_spatial_h5ad_errors(tmp_path):

@@ -21,3 +21,8 @@ UNS_INPUT = "cpnn_input"  # image path, microns per pixel, spot diameter, sample
 SECTION = "section"
 PATIENT = "patient"
 SAMPLE = "sample"
+
+# plausible microns per pixel of an H&E image (refused outside): 0.05 is beyond any optical
+# scanner, 20 a thumbnail; scans are about 0.25 (40x) to 1
+MPP_MIN = 0.05
+MPP_MAX = 20.0

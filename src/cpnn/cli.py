@@ -96,13 +96,36 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .errors import CPNNInputError
+    return run_guarded(args.func, args)
 
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"cpnn: warning: {message}", file=sys.stderr if file is None else file, flush=True)
+
+
+def run_guarded(func, args: argparse.Namespace) -> int:
+    """Run a sub-command: input errors and a full disk become ``cpnn: error: ... Fix: ...``
+    (exit 2), warnings one ``cpnn: warning: ...`` line each."""
+    import warnings
+
+    from .errors import CPNNInputError
+    from .outputs import disk_full_error, is_disk_full
+
+    old_show = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except CPNNInputError as exc:
         print(f"cpnn: error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as exc:
+        if not is_disk_full(exc):
+            raise
+        where = getattr(exc, "filename", None) or getattr(args, "out", None) or "."
+        print(f"cpnn: error: {disk_full_error(where)}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.showwarning = old_show
 
 
 if __name__ == "__main__":  # pragma: no cover

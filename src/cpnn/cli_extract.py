@@ -9,6 +9,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+from .cli_types import mpp_value, positive_int
+
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``extract`` sub-command to a ``cpnn`` sub-parser group."""
@@ -34,12 +36,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPUs / workers)")
     p.add_argument("--encoder", default="efficientnet-lite0", help="encoder name (default efficientnet-lite0)")
     p.add_argument("--device", default="cpu", help="torch device of the encoder (default cpu)")
-    p.add_argument("--tile-px", type=int, default=256, help="tile side in pixels at --target-mpp (default 256)")
-    p.add_argument("--target-mpp", type=float, default=0.5, help="tile resolution, µm per pixel (default 0.5)")
+    p.add_argument("--tile-px", type=positive_int, default=256, help="tile side in pixels at --target-mpp (default 256)")
+    p.add_argument("--target-mpp", type=mpp_value, default=0.5, help="tile resolution, µm per pixel (default 0.5)")
     p.add_argument("--min-tissue", type=float, default=0.25, help="minimum tissue fraction per tile (default 0.25)")
-    p.add_argument("--mpp", type=float, default=None,
+    p.add_argument("--mpp", type=mpp_value, default=None,
                    help="µm per level-0 pixel for slides whose metadata lack it (a job list's value wins)")
-    p.add_argument("--batch-size", type=int, default=32, help="tiles per forward pass (default 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="tiles per forward pass (default 32)")
     p.add_argument("--tta", choices=["none", "flips", "flips8"], default="none",
                    help="test-time augmentation: average features over 4 flips or 8 flips/rotations")
     p.add_argument("--plugin", action="append", default=[],
@@ -62,16 +64,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``cpnn extract`` with ``argv`` (for ``python -m cpnn.cli_extract`` and tests)."""
-    from .errors import CPNNInputError
+    from .cli import run_guarded
 
     parser = argparse.ArgumentParser(prog="cpnn extract", description=__doc__.splitlines()[0])
     _add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except CPNNInputError as exc:
-        print(f"cpnn: error: {exc}", file=sys.stderr)
-        return 2
+    return run_guarded(_run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

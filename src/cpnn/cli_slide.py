@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .cli_types import mpp_value, positive_int
+
 
 def _cmd_predict_slide(args: argparse.Namespace) -> int:
     from .workflows.wsi import predict_slide
@@ -37,13 +39,13 @@ def _cmd_extract_tiles(args: argparse.Namespace) -> int:
 
 def _tile_args(p: argparse.ArgumentParser, defaults_from_model: bool) -> None:
     p.add_argument("--slide", required=True, help="whole-slide image (svs, ndpi, tiff, ...)")
-    p.add_argument("--mpp", type=float, default=None, help="level-0 microns per pixel when the file has none")
+    p.add_argument("--mpp", type=mpp_value, default=None, help="level-0 microns per pixel when the file has none")
     hint = " (default: the model's patch)" if defaults_from_model else ""
-    p.add_argument("--tile-px", type=int, default=None if defaults_from_model else 224, help="tile side in px" + hint)
-    p.add_argument("--target-mpp", type=float, default=None if defaults_from_model else 0.5,
+    p.add_argument("--tile-px", type=positive_int, default=None if defaults_from_model else 224, help="tile side in px" + hint)
+    p.add_argument("--target-mpp", type=mpp_value, default=None if defaults_from_model else 0.5,
                    help="tile resolution in µm/px" + hint)
     p.add_argument("--min-tissue", type=float, default=0.25, help="minimum tissue fraction of a kept tile")
-    p.add_argument("--batch-size", type=int, default=32, help="tiles per forward pass (default 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="tiles per forward pass (default 32)")
     p.add_argument("--num-workers", type=int, default=1, help="image decoding threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict
 
+from .cli_types import mpp_value, non_negative_float, positive_float, positive_int
 from .errors import CPNNInputError
 
 
@@ -18,16 +19,16 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hest-ids", type=lambda s: [x for x in s.split(",") if x], help="HEST sample ids")
     g.add_argument("--h5ad", nargs="+", help="generic .h5ad files with obsm['spatial']")
     g.add_argument("--image", nargs="+", help="full-resolution images for --visium/--h5ad (same order)")
-    g.add_argument("--mpp", type=float, help="microns per pixel of the images, when the files do not say")
+    g.add_argument("--mpp", type=mpp_value, help="microns per pixel of the images, when the files do not say")
     f = p.add_argument_group("features")
     f.add_argument("--encoder", default=None, help="encoder name (see `cpnn encoders`); default efficientnet-lite0")
-    f.add_argument("--patch-um", type=float, default=None, help="patch side in microns (default 112)")
+    f.add_argument("--patch-um", type=positive_float, default=None, help="patch side in microns (default 112)")
     f.add_argument("--features", metavar="DIR", help="precomputed CLAM/TRIDENT/cpnn feature files {sample}.h5")
     f.add_argument("--tta", choices=["none", "flips", "flips8"], default=None,
                    help="test-time augmentation: average features over 4 flips or 8 flips/rotations (default none)")
-    f.add_argument("--context-rings", type=float, default=None,
+    f.add_argument("--context-rings", type=non_negative_float, default=None,
                    help="append the mean feature of neighbours within this many spot pitches (0: none)")
-    f.add_argument("--subpatch-grid", type=int, default=None,
+    f.add_argument("--subpatch-grid", type=positive_int, default=None,
                    help="fit: each spot a bag of G x G sub-patches of patch-um/G microns (default 2; 1: one "
                         "patch; with --features the files decide); predict uses the model's")
 
@@ -76,7 +77,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(wrote_slide_line(a, args.out), flush=True)
         return 0
     from .workflows.fit import run_predict
+    from .workflows.input_checks import warn_ignored_predict_flags
 
+    warn_ignored_predict_flags(args)
     samples = _inputs(args, require_image=args.features is None)
     run_predict(Path(args.run), samples, Path(args.out), features_dir=args.features,
                 progress=not args.no_progress)
@@ -92,14 +95,14 @@ def register(sub) -> None:
     p.add_argument("--prototype-method", choices=["naive", "regression"], default=None,
                    help="naive type means or the negative-binomial regression (default regression)")
     p.add_argument("--genes", default=None, help="gene panel file (one symbol per line); default: top expressed")
-    p.add_argument("--n-top-genes", type=int, default=None, help="without --genes: the N most expressed (default 1000)")
+    p.add_argument("--n-top-genes", type=positive_int, default=None, help="without --genes: the N most expressed (default 1000)")
     p.add_argument("--level", choices=["spot", "bulk"], default=None, help="spot supervision or pseudo-bulk bags")
     p.add_argument("--residual-head", choices=["none", "ridge"], default=None,
                    help="cell-state term on top of the cell-type mixture, kept only when inner "
                         "cross-validation over training sections says it helps (spot level)")
     p.add_argument("--config", default=None, help="YAML with sections model/train/features/prototypes")
     p.add_argument("--seed", type=int, default=None, help="seed of splits, initialisation and sampling (default 0)")
-    p.add_argument("--epochs", type=int, default=None, help="max epochs")
+    p.add_argument("--epochs", type=positive_int, default=None, help="max epochs (at least 1)")
     p.add_argument("--out", required=True, help="run folder (model, prototypes, config, metrics)")
     p.add_argument("--no-progress", action="store_true", help="no stage lines or progress bars")
     p.set_defaults(func=_cmd_fit)

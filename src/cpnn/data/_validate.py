@@ -25,12 +25,63 @@ from cpnn.errors import CPNNInputError
 MAX_OUTSIDE_FRACTION = 0.05
 
 
+# "many spots dropped" above this share of a section's spots
+DROPPED_SPOTS_WARN = 0.10
+
+
+def warn_dropped(n_dropped: int, n_total: int, what: str, where: Any) -> None:
+    """One visible line whenever a reader or fit drops spots, with their share."""
+    if n_dropped <= 0 or n_total <= 0:
+        return
+    share = n_dropped / n_total
+    level = "many spots dropped" if share > DROPPED_SPOTS_WARN else "spots dropped"
+    warnings.warn(f"{where}: {level}: {n_dropped} of {n_total} ({share:.0%}) {what}", stacklevel=3)
+
+
 def require_file(path: os.PathLike | str, what: str, fix: str) -> Path:
     """Return ``path`` as a Path, or raise a CPNNInputError saying ``what`` is missing."""
     path = Path(path)
     if not path.is_file():
         raise CPNNInputError(f"{what} not found.", path=path, fix=fix)
     return path
+
+
+def check_mpp(value: Any, *, path: Optional[os.PathLike | str] = None, field: str = "mpp") -> float:
+    """Microns per pixel as a float within the plausible range, else a CPNNInputError
+    naming ``--mpp`` (a value of 1e-6 would otherwise ask for petabytes of patches)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not np.isfinite(v) or not K.MPP_MIN <= v <= K.MPP_MAX:
+        raise CPNNInputError(
+            f"microns per pixel {value!r} is outside the plausible range {K.MPP_MIN:g}-{K.MPP_MAX:g} "
+            "(H&E scans are about 0.25 at 40x, 0.5 at 20x).", path=path, field=field,
+            fix="give the scan's resolution with --mpp (mpp= in Python), e.g. --mpp 0.5")
+    return v
+
+
+def pick_mpp(user: Any, own: Any, own_source: str, *, path: Optional[os.PathLike | str] = None
+             ) -> tuple[Optional[float], Optional[str]]:
+    """``(mpp, source)``: the file's own plausible value wins; the user's (``--mpp``) applies
+    only when the file has none (or an implausible one); a disagreeing user value is
+    ignored with a warning. ``(None, None)`` when neither exists."""
+    user_v = None if user is None else check_mpp(user, path=path)
+    own_v = None
+    if own is not None:
+        try:
+            own_v = check_mpp(own, path=path, field=own_source)
+        except CPNNInputError:
+            if user_v is None:
+                raise
+    if own_v is not None:
+        if user_v is not None and abs(user_v - own_v) > 0.1 * own_v:
+            warnings.warn(f"{path}: the file records {own_v:.4g} µm per pixel ({own_source}); --mpp {user_v:g} "
+                          "is ignored (it applies only to files without one)", stacklevel=3)
+        return own_v, own_source
+    if user_v is not None:
+        return user_v, "given"
+    return None, None
 
 
 def check_counts(
@@ -171,7 +222,8 @@ def check_coords_in_image(
     """Check that spot centres lie inside the image; return a summary for ``uns``.
 
     Raises when more than 5 % of spots fall outside (coordinates on another scale, or
-    the wrong image); warns when a few do.
+    the wrong image); warns when a few do (:func:`make_spatial_adata` then drops those,
+    so that every kept spot has a patch and extraction never refuses the section).
     """
     info: dict[str, Any] = {"image_size": None, "n_spots_outside_image": None}
     if image_path is None:
@@ -193,9 +245,9 @@ def check_coords_in_image(
             fix=f"check that the coordinates are full-resolution pixels of {image_path} "
             "(not hires/lowres image pixels) and that x and y are not swapped.",
         )
-    if n_out:
+    if n_out:  # make_spatial_adata drops them: no patch can be cut around them
         warnings.warn(
-            f"{n_out} of {len(xy)} spot centres lie outside {image_path}; kept.",
+            f"{n_out} of {len(xy)} spot centres lie outside {image_path} ({w} x {h} px); those spots are dropped.",
             stacklevel=3,
         )
     return info
@@ -231,6 +283,18 @@ def make_spatial_adata(
             f"{int((~np.isfinite(xy)).any(axis=1).sum())} spot(s) have missing coordinates.",
             path=path, field="spatial", fix="remove those spots or fill their pixel positions.",
         )
+    size = cpnn_input.get("image_size")
+    if size:  # spots outside the image (check_coords_in_image warned): dropped, everywhere alike
+        w, h = size
+        inside = (xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)
+        if not inside.all():
+            cpnn_input = {**cpnn_input, "dropped_outside_image": [str(o) for o, k in zip(obs_names, inside) if not k]}
+            keep = np.flatnonzero(inside)
+            X, xy = X[keep], xy[keep]
+            obs_names = [obs_names[i] for i in keep]
+            obs = None if obs is None else obs.iloc[keep]
+            section = section if isinstance(section, str) else [section[i] for i in keep]
+            patient = patient if isinstance(patient, str) else [patient[i] for i in keep]
     obs_index = pd.Index([str(o) for o in obs_names])
     if not obs_index.is_unique:
         dup = obs_index[obs_index.duplicated()].unique()[:5].tolist()

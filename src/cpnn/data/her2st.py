@@ -32,7 +32,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cpnn.data._validate import check_coords_in_image, check_counts, make_spatial_adata
+from cpnn.data._validate import check_coords_in_image, check_counts, check_mpp, make_spatial_adata, warn_dropped
+from cpnn.data.tables import read_table
 from cpnn.errors import CPNNInputError
 
 ST_PITCH_UM = 200.0
@@ -111,7 +112,7 @@ def read_spot_file(path: os.PathLike | str) -> pd.DataFrame:
     ``x, y, pixel_x, pixel_y`` are required, ``selected`` is optional (all kept).
     """
     path = Path(path)
-    df = pd.read_csv(path, sep="\t")
+    df = read_table(path, sep="\t", what="spot file")
     need = ["x", "y", "pixel_x", "pixel_y"]
     missing = [c for c in need if c not in df.columns]
     if missing:
@@ -205,7 +206,7 @@ def _read_section(
             fix="download data/ST-spotfiles from the her2st repository.",
         )
     patient = patient_of(section)
-    counts = pd.read_csv(cpath, sep="\t", index_col=0)
+    counts = read_table(cpath, sep="\t", index_col=0, what="counts table")
     if counts.shape[0] == 0 or counts.shape[1] == 0:
         raise CPNNInputError(
             f"counts table is empty ({counts.shape}).", path=cpath,
@@ -249,6 +250,9 @@ def _read_section(
     totals = np.asarray(X.sum(axis=1)).ravel()
     low = totals < min_counts
     dropped = ids[low].tolist()
+    warn_dropped(len(no_counts), len(sel), "selected spots have no row in the counts table", f"section {section}")
+    warn_dropped(len(no_position), len(count_ids), "count rows have no selected spot position", f"section {section}")
+    warn_dropped(int(low.sum()), len(ids), f"spots have fewer than {min_counts} UMI (min_counts)", f"section {section}")
     X = X[~low]
     ids = ids[~low]
     pos = pos.loc[ids]
@@ -262,10 +266,7 @@ def _read_section(
     if mpp is None:
         mpp_used, mpp_source = fit["mpp"], "fitted_pitch"
     else:
-        if not (mpp > 0):
-            raise CPNNInputError(f"mpp must be positive, got {mpp}.", field="mpp",
-                                 fix="pass microns per pixel, e.g. 0.69.")
-        mpp_used, mpp_source = float(mpp), "given"
+        mpp_used, mpp_source = check_mpp(mpp), "given"
 
     if image is None:
         image, folder = find_section_image(root, section)
@@ -438,7 +439,7 @@ def read_her2st_proportions(
             f"no {level} proportions for section {section}; available: {have}.", path=path,
             fix="download res/ST-deconv from the her2st repository.",
         )
-    df = pd.read_csv(path, sep="\t", index_col=0)
+    df = read_table(path, sep="\t", index_col=0)
     xy = _parse_spot_ids(list(df.index), path, "row names")
     df.index = pd.Index([f"{a}x{b}" for a, b in xy], name="spot")
     df.columns = [str(c) for c in df.columns]
@@ -467,7 +468,7 @@ def read_her2st_clusters(
     if not path.is_file():
         raise CPNNInputError(f"no cluster annotation for section {section}.", path=path,
                              fix="download res/ST-cluster from the her2st repository.")
-    df = pd.read_csv(path, sep="\t", index_col=0)
+    df = read_table(path, sep="\t", index_col=0)
     for c in ("x", "y", "label"):
         if c not in df.columns:
             raise CPNNInputError(f"column {c!r} missing; have {list(df.columns)}.",

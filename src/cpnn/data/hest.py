@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import anndata as ad
 
-from cpnn.data._validate import check_coords_in_image, make_spatial_adata, require_file
+from cpnn.data._validate import check_coords_in_image, make_spatial_adata, pick_mpp, require_file
 from cpnn.data.spatial_h5ad import counts_of, read_h5ad_checked, spatial_of
 from cpnn.errors import CPNNInputError
 
@@ -96,19 +96,12 @@ def read_hest(
     xy = spatial_of(src, st)
 
     mpath = root / "metadata" / f"{sample_id}.json"
-    if mpp is not None:
-        if not mpp > 0:
-            raise CPNNInputError(f"mpp must be positive, got {mpp}.", field="mpp",
-                                 fix="pass microns per pixel.")
-        mpp_used, mpp_source = float(mpp), "given"
-    elif _present(meta.get("pixel_size_um_estimated")):
-        mpp_used, mpp_source = float(meta["pixel_size_um_estimated"]), "pixel_size_um_estimated"
-    elif _present(meta.get("pixel_size_um_embedded")):
-        mpp_used, mpp_source = float(meta["pixel_size_um_embedded"]), "pixel_size_um_embedded"
-    else:
+    own_key = next((k for k in ("pixel_size_um_estimated", "pixel_size_um_embedded") if _present(meta.get(k))), None)
+    mpp_used, mpp_source = pick_mpp(mpp, None if own_key is None else meta[own_key], own_key or "mpp", path=mpath)
+    if mpp_used is None:
         raise CPNNInputError(
             "no pixel size in the metadata.", path=mpath,
-            field="pixel_size_um_estimated", fix="pass mpp= explicitly.",
+            field="pixel_size_um_estimated", fix="pass --mpp (mpp= in Python).",
         )
 
     tech = str(meta.get("st_technology") or "unknown")

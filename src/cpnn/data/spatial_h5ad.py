@@ -19,6 +19,7 @@ from cpnn.data._validate import (
     check_coords_in_image,
     check_counts,
     make_spatial_adata,
+    pick_mpp,
     require_file,
 )
 from cpnn.errors import CPNNInputError
@@ -112,16 +113,13 @@ def read_spatial_h5ad(
     if image is not None and not image.is_file():
         if require_image or image_path is not None:
             raise CPNNInputError("image not found.", path=image, field="image_path",
-                                 fix="pass image_path= pointing to the H&E of this sample.")
+                                 fix="pass --image with the H&E of this sample (image_path= in Python).")
         image = None
     if image is None and require_image:
         raise CPNNInputError("no image given and none recorded in uns['cpnn_input'].",
                              path=path, field="uns['cpnn_input']['image_path']",
-                             fix="pass image_path=.")
-    mpp_used = mpp if mpp is not None else prev.get("mpp")
-    if mpp_used is not None and not float(mpp_used) > 0:
-        raise CPNNInputError(f"mpp must be positive, got {mpp_used}.", path=path, field="mpp",
-                             fix="pass microns per pixel.")
+                             fix="pass --image with the full-resolution H&E (image_path= in Python).")
+    mpp_used, _ = pick_mpp(mpp, prev.get("mpp"), f"uns['{K.UNS_INPUT}']['mpp']", path=path)
     sample = sample_id or prev.get("sample_id") or path.stem
     patient_default = patient_id or prev.get("patient_id") or sample
     obs = src.obs.copy()

@@ -33,6 +33,7 @@ from cpnn.data._validate import (
     check_coords_in_image,
     check_counts,
     make_spatial_adata,
+    pick_mpp,
     require_file,
 )
 from cpnn.errors import CPNNInputError
@@ -258,23 +259,15 @@ def read_visium(
     bin_um = scalef.get("bin_size_um")
     spot_um = float(bin_um) if bin_um else VISIUM_SPOT_DIAMETER_UM
     pitch_um = float(bin_um) if bin_um else VISIUM_PITCH_UM
-    if mpp is None and scalef.get("microns_per_pixel"):
-        mpp_used, mpp_source = float(scalef["microns_per_pixel"]), "scalefactors_microns_per_pixel"
-        if not mpp_used > 0:
-            raise CPNNInputError(f"microns_per_pixel is {mpp_used}.", path=spath, field="microns_per_pixel",
-                                 fix="pass mpp= explicitly.")
-    elif mpp is None:
+    mpp_used, mpp_source = pick_mpp(mpp, scalef.get("microns_per_pixel") or None, "scalefactors_microns_per_pixel",
+                                    path=spath)
+    if mpp_used is None:  # neither the file nor --mpp: from the spot diameter in pixels
         if diam_px is None or not float(diam_px) > 0:
             raise CPNNInputError(
                 "mpp not given and spot_diameter_fullres missing: cannot derive microns per pixel.",
-                path=spath, field="spot_diameter_fullres", fix="pass mpp= explicitly.",
+                path=spath, field="spot_diameter_fullres", fix="pass --mpp (mpp= in Python).",
             )
         mpp_used, mpp_source = VISIUM_SPOT_DIAMETER_UM / float(diam_px), "derived_from_spot_diameter_fullres"
-    else:
-        if not mpp > 0:
-            raise CPNNInputError(f"mpp must be positive, got {mpp}.", field="mpp",
-                                 fix="pass microns per pixel, e.g. 0.25.")
-        mpp_used, mpp_source = float(mpp), "given"
 
     if image_path is not None:
         image_path = require_file(image_path, "full-resolution image",

@@ -34,7 +34,7 @@ OPENSLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", 
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8"}
 PIL_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
-MPP_FIX = "pass the slide's microns per pixel explicitly: mpp=... (Python) or --mpp (command line)."
+MPP_FIX = "pass the slide's microns per pixel: --mpp on the command line (mpp=... in Python)."
 _RESAMPLE = Image.Resampling.LANCZOS
 _LANCZOS_SUPPORT = 3.0
 # pixels held in memory at once while building a thumbnail band by band
@@ -77,8 +77,11 @@ def validate_mpp(
     Raises
     ------
     CPNNInputError
-        When a value is not finite, <= 0, > 100 µm/px, or x and y differ by more than 10 %.
+        When a value is not finite, outside 0.05-20 µm/px (``cpnn._constants.MPP_MIN`` /
+        ``MPP_MAX``), or x and y differ by more than 10 %.
     """
+    from .._constants import MPP_MAX, MPP_MIN
+
     mpp_y = mpp_x if mpp_y is None else mpp_y
     try:
         mx, my = float(mpp_x), float(mpp_y)
@@ -88,10 +91,10 @@ def validate_mpp(
             path=path, field="mpp", fix=MPP_FIX,
         ) from None
     for v in (mx, my):
-        if not math.isfinite(v) or v <= 0 or v > 100:
+        if not math.isfinite(v) or not MPP_MIN <= v <= MPP_MAX:
             raise CPNNInputError(
                 f"microns per pixel from {source} is {v!r}, which is not a plausible "
-                "microscope resolution (expected 0 < mpp <= 100; H&E scans are ~0.25-1).",
+                f"microscope resolution (expected {MPP_MIN:g}-{MPP_MAX:g}; H&E scans are ~0.25-1).",
                 path=path, field="mpp", fix=MPP_FIX,
             )
     if abs(mx - my) > 0.1 * min(mx, my):
@@ -319,12 +322,29 @@ def _resolve_mpp(
     path: Optional[str],
     candidates: Sequence[Tuple[str, Optional[Tuple[float, float]]]],
 ) -> float:
-    """User value > first metadata candidate that exists > error."""
-    if user_mpp is not None:
-        return validate_mpp(user_mpp, source="the mpp argument", path=path)
+    """The slide's own (plausible) metadata > the user's value (for slides without one) > error.
+
+    A user value that disagrees with the slide's by more than 10 % is ignored with a warning."""
+    user = None if user_mpp is None else validate_mpp(user_mpp, source="the mpp argument", path=path)
+    meta_error = None
     for source, pair in candidates:
-        if pair is not None:
-            return validate_mpp(pair[0], pair[1], source=source, path=path)
+        if pair is None:
+            continue
+        try:
+            own = validate_mpp(pair[0], pair[1], source=source, path=path)
+        except CPNNInputError as exc:  # e.g. a desktop 72-dpi tag: not the scan's resolution
+            meta_error = meta_error or exc
+            continue
+        if user is not None and abs(user - own) > 0.1 * own:
+            import warnings
+
+            warnings.warn(f"{path}: the slide records {own:.4g} µm per pixel ({source}); the given mpp {user:g} "
+                          "is ignored (it applies only to images without one)", stacklevel=3)
+        return own
+    if user is not None:
+        return user
+    if meta_error is not None:
+        raise meta_error
     raise CPNNInputError(
         "the slide has no microns-per-pixel metadata, so patch sizes in microns cannot be "
         "converted to pixels.",
@@ -628,8 +648,9 @@ def open_slide(path: os.PathLike | str, mpp: Optional[float] = None) -> Slide:
         Whole-slide file (svs, ndpi, mrxs, scn, vms, bif), pyramidal or plain TIFF, or a
         plain image (JPEG, PNG).
     mpp
-        Microns per level-0 pixel. Overrides the file's metadata; required when the file
-        has none (plain JPEG/PNG, some TIFFs and SVS files).
+        Microns per level-0 pixel for files without (plausible) metadata: required there
+        (plain JPEG/PNG, some TIFFs and SVS files); a file's own value wins, with a
+        warning when the two differ by more than 10 %.
 
     Returns
     -------

@@ -75,7 +75,9 @@ def _read_metadata(path: Path) -> pd.DataFrame:
         raise CPNNInputError("metadata table not found.", path=path, fix="check the path.")
     name = path.name.lower().removesuffix(".gz")
     sep = "," if name.endswith(".csv") else "\t"
-    table = pd.read_csv(path, sep=sep, index_col=0)
+    from ..data.tables import read_table
+
+    table = read_table(path, sep=sep, index_col=0, what="metadata table", keep_duplicate_columns=False)
     table.index = table.index.astype(str)
     if table.index.has_duplicates:
         dup = table.index[table.index.duplicated()].unique()[:5].tolist()

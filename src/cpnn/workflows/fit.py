@@ -124,6 +124,7 @@ def read_gene_list(path, field: str = "--genes") -> List[str]:
 def load_or_build_prototypes(opts: FitOptions, genes: Sequence[str]):
     """Prototypes for ``genes``: read a prototypes file, or build them from a reference."""
     from ..prototypes import Prototypes, build_prototypes, read_reference
+    from .input_checks import check_reference_types, warn_panel_shrunk
 
     ref = Path(opts.reference)
     if ref.suffix in (".tsv", ".csv") or _is_prototypes_h5ad(ref):
@@ -131,13 +132,17 @@ def load_or_build_prototypes(opts: FitOptions, genes: Sequence[str]):
         shared = [g for g in genes if g in set(protos.genes)]
         if not shared:
             raise CPNNInputError("the prototypes share no genes with the data", path=ref, field="genes")
+        check_reference_types(protos.cell_types, ref, field="cell types")
+        warn_panel_shrunk(len(genes), len(shared), ref)
         return protos.subset_genes(shared)
     if not opts.label:
         raise CPNNInputError("building prototypes needs the cell-type column", field="--label",
                              fix="e.g. --label celltype_major")
     adata = read_reference(ref, opts.label, batch_key=opts.batch)
-    return build_prototypes(adata, opts.label, method=opts.prototype_method, batch_key=opts.batch,
-                            genes=list(genes), seed=opts.seed)
+    protos = build_prototypes(adata, opts.label, method=opts.prototype_method, batch_key=opts.batch,
+                              genes=list(genes), seed=opts.seed)
+    check_reference_types(protos.cell_types, ref)
+    return protos
 
 
 def _is_prototypes_h5ad(path: Path) -> bool:

@@ -286,6 +286,9 @@ def target_genes(samples: Sequence[SpatialSample], panel: Optional[Sequence[str]
         if not genes:
             raise CPNNInputError("none of the panel genes is measured in the data", field="--genes",
                                  fix="check the gene symbols (case, aliases) of the panel file")
+        from .input_checks import warn_panel_shrunk
+
+        warn_panel_shrunk(len(panel), len(genes), "--genes", what="the data (genes measured in every sample)")
         return genes
     ordered = sorted(common)
     if n_top is None:
@@ -319,6 +322,12 @@ def fit_spot_model(
         if len(np.unique(patients)) < 2:
             patients = None
     keep = y.sum(1) > 0
+    from .input_checks import warn_dropped
+
+    for sid in dict.fromkeys(groups):
+        in_sample = groups == sid
+        warn_dropped(int((~keep[in_sample]).sum()), int(in_sample.sum()),
+                     "spots have no counts of the model's genes and are left out of training", f"sample {sid}")
     model = CPNN(prototypes, config, train_config, encoder=encoder)
     model.fit(x[keep], y[keep], groups=groups[keep], composition_targets=composition_targets,
               residual_groups=None if patients is None else patients[keep])
