@@ -10,7 +10,10 @@ from pathlib import Path
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from .evaluate.benchmark import load_config, load_data, run_benchmark
 
+    from .workflows.input_checks import check_choices
+
     cfg = load_config(args.config, data_dir=args.data_dir)
+    check_choices(args.methods, [m["name"] for m in cfg["methods"]], "--methods", "method")  # before any work
     if args.seed is not None:
         cfg["seed"] = args.seed
     cfg["command"] = "cpnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None

@@ -45,6 +45,7 @@ class CPNNInputError(ValueError):
             parts.append(f"[{field}]")
         where = " ".join(parts)
         message = f"{where}: {problem}" if where else problem
-        if fix:
-            message += f" Fix: {fix}"
+        if fix:  # always its own sentence, so "Fix:" never runs on from the problem
+            message = message.rstrip()
+            message += ("" if message.endswith((".", "!", "?")) else ".") + f" Fix: {fix}"
         super().__init__(message)

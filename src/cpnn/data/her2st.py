@@ -155,7 +155,7 @@ def fit_pixel_pitch(spots: pd.DataFrame, path: Optional[os.PathLike | str] = Non
         if len(arr) < 3 or np.unique(arr).size < 2:
             raise CPNNInputError(
                 f"cannot fit the pixel pitch along {a}: need >= 3 spots on >= 2 array {a} values.",
-                path=path, field=f"{a},{p}", fix="pass mpp= explicitly.",
+                path=path, field=f"{a},{p}", fix="pass --mpp (mpp= in Python).",
             )
         A = np.column_stack([arr, np.ones_like(arr)])
         coef, *_ = np.linalg.lstsq(A, pix, rcond=None)
@@ -167,7 +167,7 @@ def fit_pixel_pitch(spots: pd.DataFrame, path: Optional[os.PathLike | str] = Non
     if step <= 0:
         raise CPNNInputError(
             "fitted pixel pitch is zero.", path=path, field="pixel_x,pixel_y",
-            fix="check the spot file or pass mpp= explicitly.",
+            fix="check the spot file or pass --mpp (mpp= in Python).",
         )
     out["mpp"] = ST_PITCH_UM / step
     return out
@@ -183,7 +183,7 @@ def find_section_image(root: Path, section: str) -> tuple[Optional[Path], Path]:
         raise CPNNInputError(
             f"{len(found)} candidate images for section {section}: {[p.name for p in found]}.",
             path=folder, field="image",
-            fix=f"pass images={{'{section}': <path>}} to choose one.",
+            fix=f"keep only the H&E image in that folder (images={{'{section}': <path>}} in Python).",
         )
     return (found[0] if found else None), folder
 
@@ -274,8 +274,8 @@ def _read_section(
             raise CPNNInputError(
                 f"no image (*{', *'.join(IMAGE_SUFFIXES)}) for section {section}.",
                 path=folder, field="image",
-                fix="add the H&E image there, pass images={section: path}, "
-                "or require_image=False to read counts without an image.",
+                fix="add the H&E image there, or give precomputed features with --features "
+                "(images= / require_image=False in Python).",
             )
     elif not Path(image).is_file():
         raise CPNNInputError(f"image of section {section} not found.", path=image,

@@ -456,6 +456,10 @@ def run_benchmark(
     by = cfg["split"]["by"]
     groups = _group_labels(samples, by)
     splits = make_splits(groups, cfg["split"], seed, ids)
+    from ..workflows.input_checks import check_choices  # before anything is written
+
+    check_choices(folds, [f["fold"] for f in splits], "--folds", "fold")
+    check_choices(methods, [m["name"] for m in cfg["methods"]], "--methods", "method")
     if out is not None:
         from ..data.splits import save_splits
 

@@ -27,7 +27,7 @@ def _label_codes(adata: ad.AnnData, key: str, role: str):
     if key not in adata.obs.columns:
         raise CPNNInputError(f"{role} column {key!r} not found; available columns: "
                              f"{list(adata.obs.columns)}.", field=f"obs['{key}']",
-                             fix=f"pass {role}_key=<one of those>.")
+                             fix=f"pass --{role} with one of those ({role}_key= in Python).")
     col = adata.obs[key]
     if col.isna().any():
         raise CPNNInputError(f"{int(col.isna().sum())} cells have no {role}.", field=f"obs['{key}']",

@@ -95,11 +95,12 @@ def _counts_matrix(adata: ad.AnnData, counts_layer: Optional[str], path: Path) -
     if counts_layer == "raw":
         if adata.raw is None:
             raise CPNNInputError("this AnnData has no .raw.", path=path, field="raw",
-                                 fix="use counts_layer='X' or the name of a layer holding counts.")
+                                 fix="store the raw counts in X or layers['counts'] of the reference (counts_layer= in Python).")
         return adata.raw.X, "raw.X", adata.raw.var_names
     if counts_layer not in adata.layers:
         raise CPNNInputError(f"no layer {counts_layer!r}; layers: {list(adata.layers)}.", path=path,
-                             field=f"layers['{counts_layer}']", fix="pick an existing layer, 'X' or 'raw'.")
+                             field=f"layers['{counts_layer}']",
+                             fix="store the raw counts in X or layers['counts'] (counts_layer= 'X', 'raw' or a layer in Python).")
     return adata.layers[counts_layer], f"layers['{counts_layer}']", adata.var_names
 
 
@@ -198,8 +199,8 @@ def read_reference(
         counts, var_names = adata.X, adata.var_names
         if metadata is None:
             raise CPNNInputError("a 10x folder has no cell-type labels.", path=path, field="metadata",
-                                 fix="pass metadata=<csv/tsv indexed by barcode with the "
-                                 f"'{label_key}' column>.")
+                                 fix="pass --metadata with a csv/tsv indexed by barcode holding the "
+                                 f"'{label_key}' column (metadata= in Python).")
     elif path.suffix.lower() == ".h5ad":
         try:
             adata = ad.read_h5ad(path)
@@ -208,8 +209,8 @@ def read_reference(
                                  fix="check that the file is a complete AnnData .h5ad.") from exc
         counts, where, var_names = _counts_matrix(adata, counts_layer, path)
         options = [f"layers['{k}']" for k in adata.layers] + (["raw"] if adata.raw is not None else [])
-        hint = ("Raw counts are often in layers['counts'] or .raw; pass counts_layer=... "
-                f"(available here: {options or 'none'}).")
+        hint = ("Raw counts are often in layers['counts'] or .raw (available here: "
+                f"{options or 'none'}); store them in X or layers['counts'] (counts_layer= in Python).")
     else:
         raise CPNNInputError(f"unsupported reference type {path.suffix!r}.", path=path,
                              fix="give an .h5ad file or a 10x matrix folder.")
@@ -244,7 +245,8 @@ def read_reference(
             raise CPNNInputError(
                 f"{role} column {key!r} not found; available columns: {list(out.obs.columns)}.",
                 path=path, field=key,
-                fix=f"pass {role}_key=<one of those>, or a metadata table holding it.")
+                fix=f"pass --{role} with one of those, or --metadata with a table holding it "
+                f"({role}_key= in Python).")
         col = out.obs[key]
         missing = col.isna().to_numpy()
         if missing.any():
@@ -355,7 +357,7 @@ def reference_qc(
         if label_key not in out.obs.columns:
             raise CPNNInputError(f"label column {label_key!r} not found; available columns: "
                                  f"{list(out.obs.columns)}.", field=label_key,
-                                 fix="pass an existing obs column as label_key.")
+                                 fix="pass an existing obs column with --label (label_key= in Python).")
         counts = out.obs[label_key].astype(str).value_counts()
         small = counts[counts < min_cells_per_label]
         if len(small):

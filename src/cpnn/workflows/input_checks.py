@@ -41,3 +41,14 @@ def warn_panel_shrunk(n_wanted: int, n_kept: int, source: Any, what: str = "the 
     if n_kept < n_wanted:
         warnings.warn(f"{what} ({source}) covers {n_kept} of the {n_wanted} target genes; the model is trained "
                       f"on those {n_kept}", stacklevel=2)
+
+
+def check_choices(requested: Any, available: Sequence[Any], flag: str, what: str) -> None:
+    """Refuse ``requested`` values that are not among ``available`` (before any output)."""
+    if requested is None:
+        return
+    unknown = [r for r in requested if r not in set(available)]
+    if unknown or not requested:
+        shown = ", ".join(map(str, available))
+        raise CPNNInputError(f"unknown {what} {', '.join(map(str, unknown)) or '(none given)'}; this run has: {shown}",
+                             field=flag, fix=f"pick from those, e.g. {flag} {available[0] if available else '...'}")

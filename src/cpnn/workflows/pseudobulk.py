@@ -70,7 +70,7 @@ def spot_pitch_um(adata) -> float:
     mpp = info.get("mpp")
     if not mpp:
         raise CPNNInputError("cannot size regions in microns: the data has no microns per pixel",
-                             field=f"uns['{UNS_INPUT}']['mpp']", fix="read the data with mpp=... (or --mpp)")
+                             field=f"uns['{UNS_INPUT}']['mpp']", fix="pass --mpp (mpp= in Python)")
     xy = np.asarray(adata.obsm[SPATIAL], dtype=np.float64)
     if len(xy) < 2:
         raise CPNNInputError("need at least two spots to measure the spot pitch", field="obsm['spatial']")
@@ -112,7 +112,7 @@ def make_regions(adata, block_spots: int = 3, min_spots: int = 1, pitch_um: Opti
     mpp = info.get("mpp")
     if not mpp:
         raise CPNNInputError("the data has no microns per pixel", field=f"uns['{UNS_INPUT}']['mpp']",
-                             fix="read the data with mpp=... (or --mpp)")
+                             fix="pass --mpp (mpp= in Python)")
     pitch = float(pitch_um) if pitch_um else spot_pitch_um(adata)
     block_um = int(block_spots) * pitch
     xy_um = np.asarray(adata.obsm[SPATIAL], dtype=np.float64) * float(mpp)
