@@ -359,3 +359,29 @@ def test_disk_full_is_named(tmp_path, monkeypatch):
             raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0")
     with pytest.raises(CPNNInputError, match="disk full"):
         outputs.check_free_space(tmp_path)
+
+
+# ------------------------------------------------------------------ 7. benchmark subsets checked first
+def _bench_config(cohort, tmp_path) -> Path:
+    root = cohort["root"]
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(
+        "seed: 0\n"
+        "data:\n  kind: h5ad\n  paths: [" + ", ".join(f'"{p}"' for p in cohort["h5"]) + "]\n"
+        "split: {by: section, scheme: k_fold, n_folds: 3, val_fraction: 0.25}\n"
+        f"features: {{features_dir: '{root / 'feats'}'}}\n"
+        f"reference: {{path: '{root / 'cohort' / 'reference.h5ad'}', label: cell_type, qc: {{min_genes: 5}}}}\n"
+        "gene_sets:\n  - {name: top10, kind: top_expressed, n: 10}\n"
+        "methods:\n  - {name: ridge_hest, kind: ridge, alphas: hest, n_components: 4}\n")
+    return cfg
+
+
+@pytest.mark.parametrize("flags, words", [(["--folds", "99"], "unknown fold 99"),
+                                          (["--methods", "nope"], "unknown method nope")])
+def test_benchmark_bad_subset_is_refused_before_any_output(cohort, tmp_path, capsys, flags, words):
+    out = tmp_path / "bench"
+    rc = main(["benchmark", str(_bench_config(cohort, tmp_path)), "--out", str(out), "--quiet", "--no-progress",
+               *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err and "Fix:" in err and "KeyError" not in err
+    assert not out.exists()
