@@ -9,7 +9,7 @@ import pandas as pd
 
 SUMMARY_COLUMNS = [("pcc_mean", "Pearson mean", 3), ("pcc_median", "Pearson median", 3),
                    ("scc_mean", "Spearman mean", 3), ("scc_median", "Spearman median", 3),
-                   ("n_significant", "genes q<0.05", 0), ("n_genes_constant", "constant genes", 0),
+                   ("n_significant", "genes q<0.05", 0), ("n_genes_constant_prediction", "constant predictions (r = 0)", 0),
                    ("composition_mean", "composition r", 3)]
 
 
@@ -207,8 +207,8 @@ def write_report(out: Path, res, cfg: Dict[str, Any], data) -> Path:
         f"measured in every sample{' and present in the single-cell reference' if m['n_candidate_genes'] < m['n_genes_measured_everywhere'] else ''}:",
         *gs_lines,
         "- Metric: per gene, Pearson and Spearman across the test spots of log1p CP10k (normalised over the "
-        "gene set), then mean and median over genes; genes constant in truth or prediction are counted, not "
-        "scored; *genes q<0.05* = genes with a significant positive Pearson (one-sided, Benjamini–Hochberg).",
+        "gene set), then mean and median over genes; a gene predicted as a constant scores 0, genes constant in "
+        "the test truth are left out (no method can be scored on them); *genes q<0.05* = genes with a significant positive Pearson (one-sided, Benjamini–Hochberg).",
         "- Composition r: per cell type, Pearson across test spots between predicted weight and reference "
         "proportion, mean over types" + (f" (types mapped: {m['composition_mapping']})" if m['composition_mapping'] else "")
         + ".",
