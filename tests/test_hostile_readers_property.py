@@ -1,6 +1,7 @@
 """Property-based tests of the readers: any input either reads back exactly or fails clearly."""
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -122,3 +123,115 @@ def test_spatial_h5ad_reads_exactly_or_fails_clearly(n, g, seed, dup_obs, bad_va
     np.testing.assert_array_equal(out.X.toarray(), X)
     np.testing.assert_allclose(out.obsm["spatial"], a.obsm["spatial"])
     assert list(out.obs_names) == names
+
+
+# ------------------------------------------------------------------ ids as paths (issue 16)
+hostile_ids = st.one_of(
+    st.text(min_size=0, max_size=40),
+    st.lists(st.sampled_from(["..", ".", "/", "\\", "a", "b", "\x00", "\n", " ", "C2", "~"]),
+             min_size=1, max_size=8).map("".join),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sample_id=hostile_ids)
+def test_any_sample_id_stays_inside_its_folder(sample_id):
+    """Every id either names a file directly inside the output folder or is refused clearly."""
+    import warnings
+
+    from cpnn.outputs import safe_stem
+
+    folder = Path("/srv/out").resolve()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stem = safe_stem(sample_id)
+    except CPNNInputError as exc:
+        assert "cannot be used as a file name" in str(exc)
+        return
+    for suffix in (".h5ad", ".h5", ""):
+        target = folder / f"{stem}{suffix}"
+        assert target.parent == folder and os.path.normpath(target) == str(target)
+    assert "/" not in stem and "\\" not in stem and "\x00" not in stem and not stem.startswith(".")
+    assert 0 < len(stem.encode('utf-8')) <= 120
+    if stem == sample_id:
+        return
+    assert all(ch.isprintable() or ch == " " for ch in stem)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=st.lists(hostile_ids, min_size=2, max_size=5))
+def test_distinct_outputs_or_a_clear_error(ids):
+    """Inputs never share an output file: distinct stems, or an error naming the clash."""
+    import warnings
+
+    from cpnn.outputs import unique_stems
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stems = unique_stems([(i, f"in{k}.h5ad") for k, i in enumerate(ids)])
+    except CPNNInputError as exc:
+        assert "share the sample id" in str(exc) or "cannot be used as a file name" in str(exc)
+        return
+    assert len({s.casefold() for s in stems.values()}) == len(ids)
+
+
+# ------------------------------------------------------------------ cache invalidation (issue 16)
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    pytest.importorskip("torch")
+    from _tiny_encoder import TINY, register_tiny
+
+    from cpnn.encoders import create_encoder
+
+    register_tiny()
+    return create_encoder(TINY)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**16), change=st.sampled_from(["none", "rot180", "flip", "pixel", "touch"]),
+       as_file=st.booleans())
+def test_cached_features_are_those_of_the_current_image(tiny_encoder, seed, change, as_file):
+    """Whatever happened to the image since the cache was written, the features returned
+    are those a fresh extraction of the current image gives."""
+    from PIL import Image
+
+    from cpnn.encoders import extract_spot_features
+    from cpnn.image import ArraySlide, open_slide
+
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, size=(64, 80, 3), dtype=np.uint8)
+    centers = rng.uniform(10, 60, size=(4, 2))
+    ids = [f"s{i}" for i in range(4)]
+    if change == "rot180":
+        new = np.ascontiguousarray(img[::-1, ::-1])
+    elif change == "flip":
+        new = np.ascontiguousarray(img[:, ::-1])
+    elif change == "pixel":
+        new = img.copy()
+        new[32, 40] = 255 - new[32, 40]
+    else:
+        new = img
+    with tempfile.TemporaryDirectory() as d:
+        cache, png = Path(d) / "cache.h5", Path(d) / "he.png"
+
+        def run(pixels, where):
+            if not as_file:
+                return extract_spot_features(ArraySlide(pixels, mpp=0.5), centers, ids, tiny_encoder, where,
+                                             patch_um=12, progress=False).features
+            if not png.exists() or not np.array_equal(np.asarray(Image.open(png)), pixels):
+                st_old = png.stat() if png.exists() else None
+                Image.fromarray(pixels).save(png)
+                if st_old is not None:  # a hostile replacement keeps the old modification time
+                    os.utime(png, ns=(st_old.st_atime_ns, st_old.st_mtime_ns))
+            elif change == "touch":
+                os.utime(png)
+            with open_slide(png, mpp=0.5) as sl:
+                return extract_spot_features(sl, centers, ids, tiny_encoder, where, patch_um=12,
+                                             progress=False).features
+
+        run(img, cache)
+        got = run(new, cache)
+        fresh = run(new, Path(d) / "fresh.h5")
+    np.testing.assert_array_equal(got, fresh)

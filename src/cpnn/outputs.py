@@ -4,7 +4,8 @@ Every id that becomes part of a path (a sample id read from an input file, a sec
 a prediction's stem) goes through :func:`safe_stem`, so that no input can make cpnn write
 outside the folder it was given. The rule:
 
-- separators (``/``, ``\\``), control characters and NUL become ``_``;
+- separators (``/``, ``\\``) and every non-printable character (controls, NUL, lone
+  surrogates) become ``_``;
 - leading dots are dropped (no ``..``, no hidden files), as are surrounding blanks;
 - an id that is empty after that is an error; an over-long one is cut and given a short
   hash so it stays unique.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -25,8 +25,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from .errors import CPNNInputError
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
-MAX_STEM = 120
+MAX_STEM = 120  # bytes of UTF-8
 # below this much free space a write is refused up front (HDF5 and torch's zip writer
 # crash or report nonsense when the disk fills mid-write)
 MIN_FREE_BYTES = 16 * 1024 * 1024
@@ -55,12 +54,15 @@ def safe_stem(name: object, *, field: str = "sample id", source: Optional[object
         When nothing usable is left (an empty id, only dots or separators).
     """
     raw = str(name)
-    stem = _UNSAFE.sub("_", raw).strip().lstrip(".").strip()
+    stem = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in raw).strip().lstrip(".").strip()
     if not stem or set(stem) <= {"_", "."}:
         raise CPNNInputError(f"the id {raw!r} cannot be used as a file name", path=source, field=field,
                              fix="give the sample a name made of letters, digits, '-' or '_'")
-    if len(stem) > MAX_STEM:
-        stem = stem[:MAX_STEM - 9] + "-" + hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    if len(stem.encode("utf-8")) > MAX_STEM:  # file systems count bytes (255), suffixes need room
+        cut = stem
+        while len(cut.encode("utf-8")) > MAX_STEM - 9:
+            cut = cut[:-1]
+        stem = cut + "-" + hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     if stem != raw:
         warnings.warn(f"{field} {raw!r}" + (f" (in {source})" if source else "")
                       + f" is not a safe file name; its output files are named {stem!r}", stacklevel=2)
