@@ -70,7 +70,9 @@ def slide_features(slide_path: Union[str, os.PathLike], encoder_name: str, *, mp
     if not slide_path.exists():
         raise CPNNInputError("slide file not found", path=slide_path, field="--slide")
     slide_id = slide_path.stem
-    out_dir = Path(features_dir) if features_dir is not None else Path("features")
+    from ..outputs import check_out_folder
+
+    out_dir = check_out_folder(Path(features_dir) if features_dir is not None else Path("features"))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{slide_id}.h5"
     with open_slide(slide_path, mpp=mpp) as slide:
@@ -149,6 +151,10 @@ def predict_slide(model, slide_path: Union[str, os.PathLike], mpp: Optional[floa
     import anndata as ad
     import pandas as pd
 
+    if out is not None:  # an existing folder or an unrelated file: refused before any work
+        from ..outputs import check_out_file
+
+        check_out_file(out)
     if isinstance(model, (str, os.PathLike)):
         from .fit import load_run_model
 
