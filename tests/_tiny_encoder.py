@@ -1,6 +1,8 @@
-"""A tiny registered encoder so that tests extracting features run in milliseconds."""
+"""A tiny registered encoder so that tests extracting features run in milliseconds, and
+features that carry a synthetic section's true composition."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 TINY = "tiny-issue16"
@@ -26,3 +28,11 @@ def register_tiny() -> None:
     @registry.register_encoder(TINY, dim=8, input_px=32, weights="offline", source="tests")
     def _factory(device="cpu", **kw):
         return registry.Encoder(TINY, _Net(), dim=8, input_px=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def signal_features(adata, dim: int, seed: int) -> np.ndarray:
+    """Features that carry the true composition (so a model has signal), plus noise."""
+    rng = np.random.default_rng(seed)
+    p = np.asarray(adata.obsm["true_proportions"], dtype=np.float32)
+    mix = np.random.default_rng(0).normal(size=(p.shape[1], dim)).astype(np.float32)
+    return p @ mix + 0.05 * rng.normal(size=(adata.n_obs, dim)).astype(np.float32)

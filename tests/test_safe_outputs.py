@@ -22,14 +22,7 @@ import cpnn  # noqa: E402
 from cpnn.cli import main  # noqa: E402
 from cpnn.errors import CPNNInputError  # noqa: E402
 
-from _tiny_encoder import TINY, register_tiny as _register_tiny  # noqa: E402
-
-
-def _features(adata, dim, seed):
-    rng = np.random.default_rng(seed)
-    p = np.asarray(adata.obsm["true_proportions"], dtype=np.float32)
-    mix = np.random.default_rng(0).normal(size=(p.shape[1], dim)).astype(np.float32)
-    return p @ mix + 0.05 * rng.normal(size=(adata.n_obs, dim)).astype(np.float32)
+from _tiny_encoder import TINY, signal_features as _features, register_tiny as _register_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")

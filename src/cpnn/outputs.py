@@ -99,6 +99,15 @@ def unique_stems(items: Sequence[Tuple[object, object]], *, field: str = "sample
     return out
 
 
+def file_sha256(path: os.PathLike | str) -> str:
+    """Hex sha256 of a file's content, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where the system allows."""
     try:

@@ -23,19 +23,12 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 from .errors import CPNNInputError
+from .outputs import file_sha256 as _sha256
 
 MANIFEST = "manifest.json"
 CACHE_DIR = "features"  # a run's feature cache: not part of the manifest (predict adds to it)
 RUN_MARKERS = ("model.cpnn", "config.json", MANIFEST)
 CACHE_ENV = "CPNN_CACHE_DIR"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_run_folder(path: Path) -> bool:

@@ -15,8 +15,6 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-_BLOCK = 1 << 20
-
 
 def file_identity(path: os.PathLike | str) -> Dict[str, Any]:
     """``{"bytes", "mtime_ns", "sha256"}`` of a file (a folder: of its files' names, sizes and mtimes)."""
@@ -28,9 +26,9 @@ def file_identity(path: os.PathLike | str) -> Dict[str, Any]:
             fs = f.stat()
             h.update(f"{f.relative_to(p).as_posix()}\0{fs.st_size}\0{fs.st_mtime_ns}\n".encode())
     else:
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(_BLOCK), b""):
-                h.update(block)
+        from ..outputs import file_sha256
+
+        return {"bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "sha256": file_sha256(p)}
     return {"bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "sha256": h.hexdigest()}
 
 

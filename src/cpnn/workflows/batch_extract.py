@@ -16,7 +16,6 @@ Made for thousands of slides split over cluster array jobs or several worker pro
 from __future__ import annotations
 
 import glob
-import hashlib
 import importlib
 import os
 import time
@@ -192,11 +191,9 @@ def output_paths(out_dir: Path, job: SlideJob) -> Tuple[Path, Path]:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from ..outputs import file_sha256
+
+    return file_sha256(path)
 
 
 def _source_stamp(path: Path) -> Dict[str, Any]:
