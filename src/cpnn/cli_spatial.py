@@ -67,6 +67,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from .workflows.input_checks import warn_ignored_predict_flags
+
+    warn_ignored_predict_flags(args)
     if args.slide:  # whole slide: every tissue tile, and the slide's bulk profile
         from .workflows.wsi import predict_slide
 
@@ -77,9 +80,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(wrote_slide_line(a, args.out), flush=True)
         return 0
     from .workflows.fit import run_predict
-    from .workflows.input_checks import warn_ignored_predict_flags
 
-    warn_ignored_predict_flags(args)
     samples = _inputs(args, require_image=args.features is None)
     run_predict(Path(args.run), samples, Path(args.out), features_dir=args.features,
                 progress=not args.no_progress)

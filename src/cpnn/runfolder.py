@@ -148,7 +148,7 @@ def staged_run_folder(out: os.PathLike | str, flag: str = "--out") -> Iterator[P
     """
     from .outputs import apply_umask
 
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." or "run/" still name a folder with a parent
     check_run_target(out, flag)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)

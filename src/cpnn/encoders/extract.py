@@ -197,6 +197,10 @@ def _extract_to_file(out_path: Path, batches: Iterable[np.ndarray], n: int, coor
                      ids: Optional[List[str]], encoder: Encoder, attrs: Dict[str, Any],
                      tta: str, progress: bool) -> FeatureFile:
     """Encode ``batches`` straight into a temporary HDF5 file; rename when complete."""
+    from cpnn.outputs import check_free_space
+
+    # HDF5 may crash (SIGSEGV) rather than report a disk that fills mid-write: check first
+    check_free_space(out_path.parent, need_bytes=n * (encoder.dim * 4 + 16) + (1 << 20))
     with atomic_path(out_path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as fh:
             dset = _write_layout(fh, coords, ids, attrs, dim=encoder.dim)
