@@ -378,3 +378,34 @@ def test_benchmark_bad_subset_is_refused_before_any_output(cohort, tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 2 and words in err and "Fix:" in err and "KeyError" not in err
     assert not out.exists()
+
+
+def test_kill_9_during_refit_leaves_the_old_run_usable(cohort, tmp_path):
+    """A real SIGKILL in the middle of training: the old run stays complete and predicts."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(cohort["run"], run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    args = _fit_args(cohort, run, "--genes", str(_six_genes(cohort, tmp_path)))
+    code = ("import os, signal, sys\n"
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from _tiny_encoder import register_tiny; register_tiny()\n"
+            "import cpnn.workflows.fit as fit\n"
+            "fit.fit_spot_model = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "from cpnn.cli import main\n"
+            f"main({args!r})\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".run.partial-")]
+    assert leftovers  # the killed attempt's folder, never mixed into run/
+    assert main(["predict", str(run), "--h5ad", cohort["h5"][2], "--features", str(cohort["root"] / "feats"),
+                 "--out", str(tmp_path / "p.h5ad"), "--no-progress"]) == 0
+    # the next fit removes the dead attempt's leftovers
+    assert main(_fit_args(cohort, run)) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.partial-")]

@@ -209,7 +209,10 @@ class Prototypes:
             return cls(values, types, list(adata.var_names), str(meta.get("method", "unknown")),
                        str(meta.get("label_key", "")), prov)
         if suffix in _TABLE_SUFFIXES:
-            table = pd.read_csv(path, sep=_TABLE_SUFFIXES[suffix], index_col=0)
+            from ..data.tables import read_table
+
+            table = read_table(path, sep=_TABLE_SUFFIXES[suffix], index_col=0, what="prototypes table",
+                               keep_duplicate_columns=False)
             bad = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
             if bad:
                 raise CPNNInputError(

@@ -52,8 +52,10 @@ def _read_10x_folder(folder: Path) -> ad.AnnData:
         except Exception as exc:  # scipy raises ValueError/IndexError on corrupt files
             raise CPNNInputError(f"cannot parse the Matrix Market file ({exc}).", path=mtx,
                                  fix="re-export the matrix; it looks truncated or corrupt.") from exc
-    features = pd.read_csv(feats, sep="\t", header=None, dtype=str)
-    barcodes = pd.read_csv(bcs, sep="\t", header=None, dtype=str)[0].to_numpy()
+    from ..data.tables import read_table
+
+    features = read_table(feats, sep="\t", header=None, dtype=str, what="10x features table")
+    barcodes = read_table(bcs, sep="\t", header=None, dtype=str, what="10x barcodes table")[0].to_numpy()
     mat = sp.csr_matrix(mat.T)  # 10x stores genes x cells
     if mat.shape != (len(barcodes), len(features)):
         raise CPNNInputError(
