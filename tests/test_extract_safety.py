@@ -128,3 +128,11 @@ def test_worker_dies_with_its_parent(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_job_list_mpp_out_of_range_is_refused(tmp_path):
+    slide = _slide(tmp_path / "slides")
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(f"path,mpp\n{slide},1e-6\n")
+    with pytest.raises(CPNNInputError, match=r"jobs.csv \[mpp \(line 2\)\].*plausible range"):
+        resolve_slides([jobs])

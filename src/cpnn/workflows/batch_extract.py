@@ -103,12 +103,15 @@ def _read_job_list(path: Path) -> List[SlideJob]:
             p = path.parent / p
         mpp = None
         if len(parts) > 1 and parts[1]:
+            from ..data._validate import check_mpp
+
             try:
                 mpp = float(parts[1])
             except ValueError:
                 raise CPNNInputError(f"line {lineno}: mpp {parts[1]!r} is not a number", path=path, field="mpp",
                                      fix="write 'slide_path,mpp' with mpp in microns per pixel, or leave it out"
                                      ) from None
+            mpp = check_mpp(mpp, path=path, field=f"mpp (line {lineno})")
         jobs.append(SlideJob(p, mpp))
     return jobs
 
