@@ -115,7 +115,7 @@ def read_hest(
         if require_image:
             raise CPNNInputError(
                 "whole-slide image not found.", path=image, field="image",
-                fix="download wsis/{id}.tif, or pass require_image=False.",
+                fix="download wsis/{id}.tif, or give precomputed features with --features (require_image=False in Python).",
             )
         image = None
     img_info = check_coords_in_image(xy, image, coords_path=st, field="obsm['spatial']")

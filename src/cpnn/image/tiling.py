@@ -19,12 +19,12 @@ def tile_size_level0(slide: Slide, tile_px: int = 256, target_mpp: float = 0.5) 
     if int(tile_px) != tile_px or tile_px < 1:
         raise CPNNInputError(
             f"tile_px must be a positive integer, got {tile_px!r}.",
-            path=slide._label, field="tile_px", fix="pass e.g. tile_px=256.",
+            path=slide._label, field="tile_px", fix="pass e.g. --tile-px 256 (tile_px=256 in Python).",
         )
     if not (math.isfinite(target_mpp) and 0 < target_mpp <= 100):
         raise CPNNInputError(
             f"target_mpp must be a positive number of microns per pixel, got {target_mpp!r}.",
-            path=slide._label, field="target_mpp", fix="pass e.g. target_mpp=0.5 (20x).",
+            path=slide._label, field="target_mpp", fix="pass e.g. --target-mpp 0.5, i.e. 20x (target_mpp=0.5 in Python).",
         )
     return float(tile_px) * float(target_mpp) / slide.mpp
 
@@ -126,7 +126,7 @@ def tile_grid(
     if not (0.0 <= float(min_tissue) <= 1.0):
         raise CPNNInputError(
             f"min_tissue must be a fraction in [0, 1], got {min_tissue!r}.",
-            path=slide._label, field="min_tissue", fix="pass e.g. min_tissue=0.25.",
+            path=slide._label, field="min_tissue", fix="pass e.g. --min-tissue 0.25 (min_tissue=0.25 in Python).",
         )
     w0, h0 = slide.dimensions
     nx, ny = int(math.ceil(w0 / size - 1e-9)), int(math.ceil(h0 / size - 1e-9))

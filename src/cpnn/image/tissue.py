@@ -137,9 +137,9 @@ def tissue_mask(
         raise CPNNInputError(
             f"no tissue found ({how}; pieces under {min_object_um2:g} µm² dropped).",
             path=slide._label, field="threshold",
-            fix="check that this is an H&E image; for faint staining pass a lower "
-            "threshold (e.g. tissue_mask(slide, threshold=0.03)) or min_object_um2=0, or "
-            "pass your own mask= to tile_grid.",
+            fix="check that this is an H&E image; to keep every tile anyway pass --min-tissue 0 "
+            "(in Python, for faint staining: tissue_mask(slide, threshold=0.03), min_object_um2=0, "
+            "or your own mask= for tile_grid).",
         )
     return mask, float(downsample)
 

@@ -190,7 +190,7 @@ def _feature_stage(sample: SpatialSample, spec: FeatureSpec, i: int, n: int, fea
     what = f"{n_obs} spots x {grid}x{grid} sub-patches" if grid > 1 else f"{n_obs} spots"
     cache = None if cache_dir is None else Path(cache_dir) / f"{sample.file_stem}.h5"
     if cache is not None and cache.is_file():
-        return f"{head}: {what}, reusing {cache} (re-extracted if its settings differ)"
+        return f"{head}: {what}, reusing {cache} (re-extracted if its settings or the image differ)"
     return f"{head}: extracting {what} ({spec.encoder}, {spec.patch_um:g} µm patches)"
 
 
