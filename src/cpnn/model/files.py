@@ -50,7 +50,7 @@ def read_model_file(path: Union[str, os.PathLike], fmt: str, what: str, written_
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise CPNNInputError(f"not a readable {what} file ({type(exc).__name__}: {_first_line(exc)})", path=path,
+        raise CPNNInputError(f"not a readable {what} file ({type(exc).__name__}: {first_line(exc)})", path=path,
                              fix=f"pass a file written by {written_by}; cpnn loads model files without running "
                                  "code, so a file that needs more is refused on purpose") from exc
     if not isinstance(payload, dict) or payload.get("format") != fmt:
@@ -58,7 +58,7 @@ def read_model_file(path: Union[str, os.PathLike], fmt: str, what: str, written_
     return payload
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The cause of a load error without torch's advice to retry with ``weights_only=False``
     (which would run arbitrary code from the file)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]

@@ -313,7 +313,10 @@ def run_predict(run: Path, samples: List[SpatialSample], out: Path, features_dir
 
     several = len(samples) > 1
     assign_file_stems(samples)
-    check_out_folder(out) if several else check_out_file(out)  # before any work
+    if several:  # --out checked before any work
+        check_out_folder(out)
+    else:
+        check_out_file(out)
     model = load_run_model(run)
     enc = model.encoder or {}
     spec = FeatureSpec.from_encoder_info(enc)
