@@ -249,3 +249,33 @@ def test_read_table_keeps_gzip_errors_clear(tmp_path):
         fh.write("")
     with pytest.raises(CPNNInputError, match="t.tsv.gz.*empty"):
         read_table(p, sep="\t", index_col=0)
+
+
+def test_config_values_are_checked_like_flags(tmp_path):
+    """The same impossible values given in a --config YAML: clear errors, never NaN in config.json."""
+    import argparse
+
+    from cpnn.cli_spatial import load_yaml
+    from cpnn.workflows.fit import FitOptions
+
+    args = argparse.Namespace(reference="r.h5ad", label=None, batch=None, prototype_method=None, genes=None,
+                              n_top_genes=None, level=None, seed=None, encoder=None, patch_um=None, tta=None,
+                              context_rings=None, subpatch_grid=None, residual_head=None, epochs=None)
+    for text, words in (("features:\n  context_rings: .nan\n", "context_rings must be a finite"),
+                        ("train:\n  max_epochs: 0\n", "max_epochs")):
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(CPNNInputError, match=words) as info:
+            opts = FitOptions.from_sources(load_yaml(tmp_path / "c.yaml"), args)
+            opts.train_config()
+        assert "Fix:" in str(info.value)
+
+
+def test_slide_larger_than_any_glass_slide_is_refused():
+    """`--mpp 20` on a 10,000 px image: 200 mm wide, millions of tiles — refused at once."""
+    from cpnn.image import ArraySlide, tile_grid
+
+    sl = ArraySlide(np.zeros((10, 10_000, 3), np.uint8), mpp=20.0)
+    with pytest.raises(CPNNInputError, match=r"200 x 0 mm.*microns per pixel are wrong") as info:
+        tile_grid(sl, tile_px=256, target_mpp=0.5, min_tissue=0)
+    assert "--mpp" in str(info.value)
+    assert len(tile_grid(ArraySlide(np.zeros((10, 10_000, 3), np.uint8), mpp=0.5), min_tissue=0)) == 40  # 256 px tiles

@@ -182,12 +182,21 @@ def config_to_dict(cfg: Any) -> Dict[str, Any]:
 
 def config_from_dict(cls: type, data: Optional[Dict[str, Any]]) -> Any:
     """Build ``cls`` from a dict, rejecting unknown keys with the list of valid ones."""
+    from .errors import CPNNInputError  # a ValueError: callers catching that still do
+
     data = dict(data or {})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(
+        raise CPNNInputError(
             f"unknown {cls.__name__} option(s): {', '.join(unknown)}; "
-            f"valid options: {', '.join(sorted(known))}"
-        )
-    return cls(**data)
+            f"valid options: {', '.join(sorted(known))}", field=cls.__name__,
+            fix="correct the option's name in the --config YAML")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, CPNNInputError):
+            raise
+        raise CPNNInputError(f"invalid {cls.__name__} option: {exc}", field=cls.__name__,
+                             fix="correct the value in the --config YAML (or the matching flag, e.g. --epochs)"
+                             ) from None

@@ -151,7 +151,7 @@ def disk_full_error(path: os.PathLike | str, flag: str = "--out") -> CPNNInputEr
     """The error for a write that ran out of space at ``path``."""
     free = free_bytes(path)
     return CPNNInputError(f"disk full at {path}, free space {human_bytes(free) if free is not None else 'unknown'}",
-                          path=path, fix=f"free some space on that disk, or give {flag} on another disk")
+                          field=flag, fix=f"free some space on that disk, or give {flag} on another disk")
 
 
 def check_free_space(path: os.PathLike | str, need_bytes: int = 0, flag: str = "--out") -> None:

@@ -14,6 +14,23 @@ __all__ = ["tile_grid", "iter_tiles", "tile_size_level0", "tissue_fraction"]
 MaskArg = Union[None, np.ndarray, Tuple[np.ndarray, float]]
 
 
+# the largest glass slide (2 x 3 inch) is 76 x 51 mm: a bigger image means a wrong mpp
+MAX_SLIDE_MM = 80.0
+
+
+def check_physical_size(slide: Slide) -> None:
+    """Refuse a slide whose size in millimetres (pixels x mpp) no glass slide has: its
+    microns per pixel are wrong, and tiling it would queue millions of tiles."""
+    w_mm, h_mm = (d * float(slide.mpp) / 1000.0 for d in slide.dimensions)
+    if max(w_mm, h_mm) > MAX_SLIDE_MM:
+        raise CPNNInputError(
+            f"at {slide.mpp:g} µm per pixel this image would be {w_mm:.0f} x {h_mm:.0f} mm, larger than any "
+            f"glass slide ({MAX_SLIDE_MM:g} mm): the microns per pixel are wrong.",
+            path=slide._label, field="mpp",
+            fix="give the scan's resolution with --mpp (about 0.25 at 40x, 0.5 at 20x), or fix the file's metadata",
+        )
+
+
 def tile_size_level0(slide: Slide, tile_px: int = 256, target_mpp: float = 0.5) -> float:
     """Side of a tile in level-0 pixels: ``tile_px * target_mpp / slide.mpp``."""
     if int(tile_px) != tile_px or tile_px < 1:
@@ -129,6 +146,7 @@ def tile_grid(
             path=slide._label, field="min_tissue", fix="pass e.g. --min-tissue 0.25 (min_tissue=0.25 in Python).",
         )
     w0, h0 = slide.dimensions
+    check_physical_size(slide)
     nx, ny = int(math.ceil(w0 / size - 1e-9)), int(math.ceil(h0 / size - 1e-9))
     xs = np.round(np.arange(nx) * size).astype(np.int64)
     ys = np.round(np.arange(ny) * size).astype(np.int64)

@@ -32,6 +32,18 @@ class FeatureSpec:
     context_rings: float = 0.0
     subpatch_grid: Optional[int] = 1
 
+    def __post_init__(self) -> None:
+        import math
+
+        for name, zero_ok, example in (("context_rings", True, 1), ("patch_um", False, 112)):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+            if not ok:  # NaN would be written into config.json as NaN, which is not JSON
+                flag = "--" + name.replace("_", "-")
+                raise CPNNInputError(f"{name} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {value!r}",
+                                     field=f"features.{name}",
+                                     fix=f"give e.g. {flag} {example} (features.{name} in a --config YAML)")
+
     def as_dict(self) -> Dict[str, Any]:
         return {"name": self.encoder, "patch_um": self.patch_um, "out_px": self.out_px, "tta": self.tta,
                 "context_rings": self.context_rings, "subpatch_grid": self.subpatch_grid}
