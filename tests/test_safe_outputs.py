@@ -184,9 +184,17 @@ def test_refit_swaps_in_a_complete_run_with_a_manifest(cohort, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(cohort["run"], run)
+    (run / "figs").mkdir()
+    (run / "figs" / "weights.png").write_bytes(b"png")  # the user's own files in the run folder
+    (run / "notes.md").write_text("what I tried")
     assert main(_fit_args(cohort, run, "--genes", str(_six_genes(cohort, tmp_path)))) == 0
+    assert (run / "figs" / "weights.png").read_bytes() == b"png" and (run / "notes.md").read_text() == "what I tried"
     manifest = json.loads((run / "manifest.json").read_text())
-    assert set(manifest["files"]) >= {"model.cpnn", "config.json", "prototypes.h5ad", "metrics.json"}
+    assert set(manifest["files"]) == {"model.cpnn", "config.json", "prototypes.h5ad", "metrics.json"}
+    (run / "notes.md").write_text("edited later")  # the user's own file: not the manifest's business
+    from cpnn.workflows.fit import load_run_model
+
+    load_run_model(run)
     assert cpnn.CPNN.load(run / "model.cpnn").genes == cohort["cohort"].genes[:6]
     assert json.loads((run / "config.json").read_text())["used"]["n_genes"] == 6
     # a file changed behind the manifest's back: predict refuses the folder

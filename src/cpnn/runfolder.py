@@ -5,7 +5,8 @@ and swaps it in only when everything is written: with ``renameat2(RENAME_EXCHANG
 Linux the old and the new folder trade places in one step, elsewhere the old one is moved
 aside first. A failure, Ctrl-C or ``kill -9`` therefore leaves the previous run intact
 (plus a leftover ``.partial`` sibling that the next run removes). The feature cache of the
-previous run is hard-linked into the new one, so a re-fit does not re-extract.
+previous run is hard-linked into the new one, so a re-fit does not re-extract, and so is
+anything else the user kept in the folder (figures, predictions): nothing is lost.
 
 Every run folder gets ``manifest.json``: the run's files with their size and sha256;
 ``predict`` refuses a folder whose files no longer match it.
@@ -28,6 +29,8 @@ from .outputs import file_sha256 as _sha256
 MANIFEST = "manifest.json"
 CACHE_DIR = "features"  # a run's feature cache: not part of the manifest (predict adds to it)
 RUN_MARKERS = ("model.cpnn", "config.json", MANIFEST)
+# what `cpnn fit` writes at the top of a run folder; anything else there is the user's
+FIT_WRITES = ("model.cpnn", "prototypes.h5ad", "config.json", "metrics.json", MANIFEST)
 CACHE_ENV = "CPNN_CACHE_DIR"
 
 
@@ -92,6 +95,32 @@ def _carry_cache(old: Path, new: Path) -> None:
                 pass  # a cache: recomputed when missing
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_other_files(old: Path, new: Path) -> None:
+    """Files the user put into the old run folder (figures, predictions) move on with it:
+    the swap must not delete what fit did not write."""
+    for entry in old.iterdir():
+        if entry.name in FIT_WRITES or entry.name == CACHE_DIR or entry.name.endswith(".part"):
+            continue
+        target = new / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            try:
+                _link_or_copy(str(entry), str(target))
+            except OSError:
+                if entry.is_symlink():
+                    os.symlink(os.readlink(entry), target)
+                else:
+                    raise
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one step (Linux ``renameat2``); False where unsupported."""
     try:
@@ -121,16 +150,16 @@ def swap_in(staged: Path, out: Path) -> None:
 
 
 def write_manifest(run: Path) -> Dict[str, Dict[str, object]]:
-    """Write ``manifest.json`` listing the run's files (not the feature cache) with size and sha256."""
+    """Write ``manifest.json`` listing the files fit wrote (not the feature cache, not the
+    user's own files) with size and sha256."""
     from . import __version__
     from .utils import write_json
 
     files = {}
-    for f in sorted(run.rglob("*")):
-        rel = f.relative_to(run).as_posix()
-        if not f.is_file() or rel == MANIFEST or rel.split("/")[0] == CACHE_DIR:
-            continue
-        files[rel] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    for name in FIT_WRITES:  # the user's own files in the folder are theirs to change
+        f = run / name
+        if name != MANIFEST and f.is_file():
+            files[name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
     write_json(run / MANIFEST, {"cpnn_version": __version__, "files": files,
                                 "cache": f"{CACHE_DIR}/ (cached patch features; not listed, safe to delete)"})
     return files
@@ -157,6 +186,7 @@ def staged_run_folder(out: os.PathLike | str, flag: str = "--out") -> Iterator[P
     try:
         if out.is_dir():
             _carry_cache(out, staged)
+            _carry_other_files(out, staged)
         yield staged
         write_manifest(staged)
         swap_in(staged, out)
