@@ -136,3 +136,39 @@ def test_job_list_mpp_out_of_range_is_refused(tmp_path):
     jobs.write_text(f"path,mpp\n{slide},1e-6\n")
     with pytest.raises(CPNNInputError, match=r"jobs.csv \[mpp \(line 2\)\].*plausible range"):
         resolve_slides([jobs])
+
+
+def test_a_slide_being_extracted_elsewhere_is_not_touched(tmp_path):
+    """Runs with other shard layouts may share --out: a slide another process is extracting
+    is left alone (its .part survives) and reported, to be picked up by a rerun."""
+    import multiprocessing as mp
+
+    from cpnn.workflows.batch_extract import SLIDE_LOCKS
+
+    slide = _slide(tmp_path / "slides")
+    out = tmp_path / "out"
+    out.mkdir()
+    part = out / ".s0.xyz.h5.part"
+    part.write_bytes(b"another run's half-written file")
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_slide_lock, args=(str(out / SLIDE_LOCKS), "s0", ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        res = extract_slides([slide], out, _tiny_settings(), workers=0, log=None)
+        assert res["failed"] and "another process is extracting s0.png" in res["failed"][0]["error"]
+        assert part.exists()
+    finally:
+        release.set()
+        holder.join(30)
+    again = extract_slides([slide], out, _tiny_settings(), workers=0, log=None)
+    assert len(again["done"]) == 1 and not part.exists()
+
+
+def _hold_slide_lock(lock_file, key, ready, release):
+    from cpnn.outputs import record_lock
+
+    with record_lock(lock_file, key, "test"):
+        ready.set()
+        release.wait(60)

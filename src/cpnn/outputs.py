@@ -15,13 +15,14 @@ case-insensitive file systems) are an error naming both — never a silent overw
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 from .errors import CPNNInputError
 
@@ -278,3 +279,26 @@ class FolderLock:
         if self._fh is not None:
             self._fh.close()  # closing releases the lock
             self._fh = None
+
+
+@contextlib.contextmanager
+def record_lock(lock_file: os.PathLike | str, key: str, what: str, flag: str = "--out") -> Iterator[None]:
+    """Hold an exclusive POSIX record lock on one byte of ``lock_file`` chosen by ``key``
+    (one lock file serves any number of keys, e.g. one per slide); a CPNNInputError when
+    another process holds it. Released by the kernel when the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    offset = int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:4], "big") >> 1
+    with open(lock_file, "a+") as fh:
+        try:
+            fcntl.lockf(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+        except OSError:
+            raise CPNNInputError(f"another process is {what} right now", path=Path(lock_file).parent, field=flag,
+                                 fix="let it finish, then rerun this command to pick up what is left") from None
+        try:
+            yield
+        finally:
+            fcntl.lockf(fh.fileno(), fcntl.LOCK_UN, 1, offset)

@@ -31,6 +31,7 @@ from ..utils import write_json
 
 LIST_SUFFIXES = {".txt", ".csv", ".tsv", ".lst"}
 MARKER_SUFFIX = ".done.json"
+SLIDE_LOCKS = ".cpnn-extract.slides.lock"  # one byte-range lock per slide being extracted
 
 
 @dataclass
@@ -296,20 +297,22 @@ def extract_one(job: SlideJob, out_dir: Path, settings: ExtractSettings) -> Dict
     h5, marker = output_paths(out_dir, job)
     mpp = job.mpp if job.mpp is not None else settings.mpp
     try:
-        from ..outputs import check_free_space
+        from ..outputs import check_free_space, record_lock
 
         check_free_space(out_dir)  # HDF5 crashes (SIGSEGV) instead of reporting a full disk
-        _clean_partials(out_dir, job.stem)
-        with open_slide(job.path, mpp=mpp) as slide:
-            ff = extract_tile_features(slide, h5, _encoder(settings), tile_px=settings.tile_px,
-                                       target_mpp=settings.target_mpp, batch_size=settings.batch_size,
-                                       tta=settings.tta, progress=False, min_tissue=settings.min_tissue)
-            level0_mpp = float(slide.mpp)
-        info = {"slide": str(job.path), "source": _source_stamp(job.path), "settings": settings.identity(),
-                "mpp_override": mpp, "level0_mpp": level0_mpp, "n_tiles": int(len(ff.features)),
-                "dim": int(ff.features.shape[1]), "h5": h5.name, "h5_bytes": h5.stat().st_size,
-                "h5_sha256": _sha256(h5), "seconds": round(time.perf_counter() - t0, 3)}
-        write_json(marker, info)
+        # runs with other shard layouts may share the folder: one slide, one writer
+        with record_lock(out_dir / SLIDE_LOCKS, job.stem, f"extracting {job.path.name}"):
+            _clean_partials(out_dir, job.stem)
+            with open_slide(job.path, mpp=mpp) as slide:
+                ff = extract_tile_features(slide, h5, _encoder(settings), tile_px=settings.tile_px,
+                                           target_mpp=settings.target_mpp, batch_size=settings.batch_size,
+                                           tta=settings.tta, progress=False, min_tissue=settings.min_tissue)
+                level0_mpp = float(slide.mpp)
+            info = {"slide": str(job.path), "source": _source_stamp(job.path), "settings": settings.identity(),
+                    "mpp_override": mpp, "level0_mpp": level0_mpp, "n_tiles": int(len(ff.features)),
+                    "dim": int(ff.features.shape[1]), "h5": h5.name, "h5_bytes": h5.stat().st_size,
+                    "h5_sha256": _sha256(h5), "seconds": round(time.perf_counter() - t0, 3)}
+            write_json(marker, info)
         return {"slide": str(job.path), "status": "done", "n_tiles": info["n_tiles"], "seconds": info["seconds"]}
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the others
         from ..outputs import disk_full_error, is_disk_full
