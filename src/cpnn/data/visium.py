@@ -116,7 +116,7 @@ def read_10x_h5(
             raise CPNNInputError(
                 f"no '{feature_type}' features (types: {sorted(set(ftypes))}).",
                 path=path, field="matrix/features/feature_type",
-                fix="pass feature_type=None or the right type.",
+                fix="check that this is a Gene Expression matrix (feature_type=None or another type in Python).",
             )
         X = sparse.csr_matrix(X[:, keep])
         features = features.iloc[keep].reset_index(drop=True)

@@ -232,7 +232,7 @@ class CPNN:
             raise CPNNInputError(
                 "residual_head applies to spot-level models (one patch or one bag of sub-patches per spot); "
                 "these bags look like slides", field="config.residual_head",
-                fix="train slide-level models with residual_head='none'")
+                fix="train slide-level models with --residual-head none (residual_head='none' in Python)")
         y = _dense_counts(counts, self.genes)
         if y.shape[0] != data.n_bags:
             raise CPNNInputError(f"{y.shape[0]} count rows for {data.n_bags} bags of features", field="counts",

@@ -265,7 +265,7 @@ def read_reference(
         if duplicate_genes == "error":
             raise CPNNInputError(f"{len(dup)} duplicated gene names, e.g. {dup[:5].tolist()}.",
                                  path=path, field="var_names",
-                                 fix="make them unique, or pass duplicate_genes='make_unique'.")
+                                 fix="make the gene names of the reference unique (duplicate_genes='make_unique' in Python).")
         warnings.warn(f"{len(dup)} duplicated gene names (e.g. {dup[:5].tolist()}) made unique "
                       "by appending -1, -2, ...", stacklevel=2)
         out.var_names_make_unique()
