@@ -279,3 +279,12 @@ def test_slide_larger_than_any_glass_slide_is_refused():
         tile_grid(sl, tile_px=256, target_mpp=0.5, min_tissue=0)
     assert "--mpp" in str(info.value)
     assert len(tile_grid(ArraySlide(np.zeros((10, 10_000, 3), np.uint8), mpp=0.5), min_tissue=0)) == 40  # 256 px tiles
+
+
+def test_prototypes_out_folder_and_missing_gene_file_are_clear(tmp_path, capsys):
+    rc = main(["prototypes", "--reference", str(tmp_path / "r.h5ad"), "--label", "ct", "--out", str(tmp_path)])
+    assert rc == 2 and "existing folder" in capsys.readouterr().err
+    rc = main(["prototypes", "--reference", str(tmp_path / "r.h5ad"), "--label", "ct", "--genes",
+               str(tmp_path / "nope.txt"), "--out", str(tmp_path / "p.h5ad")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope.txt" in err and "Traceback" not in err

@@ -20,12 +20,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_prototypes(args: argparse.Namespace) -> int:
-    from .prototypes import build_prototypes, read_reference
+    from pathlib import Path
 
-    genes = None
-    if args.genes:
-        with open(args.genes) as fh:
-            genes = [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+    from .errors import CPNNInputError
+    from .outputs import check_writable_dir
+    from .prototypes import build_prototypes, read_reference
+    from .workflows.fit import read_gene_list
+
+    if Path(args.out).is_dir():  # before the reference is read
+        raise CPNNInputError("is an existing folder, but one prototypes file is written", path=args.out,
+                             field="--out", fix="give --out a file name ending in .h5ad or .tsv")
+    check_writable_dir(Path(args.out).parent)
+    genes = read_gene_list(args.genes) if args.genes else None
     ref = read_reference(args.reference, args.label, batch_key=args.batch, metadata=args.metadata)
     protos = build_prototypes(ref, args.label, method=args.method, batch_key=args.batch, genes=genes, seed=args.seed)
     protos.save(args.out)
