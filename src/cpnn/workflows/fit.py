@@ -210,7 +210,8 @@ def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_
         "best": best,
         "residual_head": None if model.residual is None else {
             "active": bool(model.residual.active), "alpha": model.residual.alpha_,
-            "inner_cv_pearson": model.residual.cv_scores_},
+            "inner_cv_pearson": model.residual.cv_scores_,
+            "out_of_fold_fraction": model.residual.oof_fraction_},
         "history": hist,
         "seconds": {"prototypes": round(t_protos, 1), "features": round(t_feats, 1),
                     "total": round(time.perf_counter() - t0, 1)},
