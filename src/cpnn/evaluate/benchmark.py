@@ -268,6 +268,11 @@ def _synthetic_samples(d: Dict[str, Any], feat: Dict[str, Any], progress: bool):
                           cache_path=cache, tta=feat.get("tta", "none"), progress=progress,
                           subpatch_grid=feat.get("subpatch_grid", 1))
         samples.append(SpatialSample(sl.slide_id, sl.spots, f, meta={"image": sl.image}))
+    from ..workflows.context import context_features
+
+    rings = float(feat.get("context_rings", 0.0) or 0.0)
+    for s in samples:  # the same context as real data (it was skipped here before 2026-12-07)
+        s.features = context_features(s.features, s.adata.obsm["spatial"], rings)
     return samples, cohort.reference
 
 
