@@ -174,3 +174,24 @@ def test_old_model_records_have_the_options_off():
     spec = FeatureSpec.from_encoder_info({"name": "efficientnet-lite0", "patch_um": 112.0, "out_px": 224})
     assert (spec.slide_standardise, spec.nuclei, spec.stain_norm, spec.stain_target) == ("none", False, "none", None)
     assert spec.cache_name("C2") == "C2.h5"
+
+
+def test_python_api_applies_the_recorded_slide_standardisation(cohort_files, one_torch_thread):
+    import cpnn
+    from cpnn.api import fit_spatial, predict_spatial
+    from cpnn.data import read_spatial_h5ad
+    from cpnn.workflows.transforms import standardise_slide
+
+    root, h5 = cohort_files
+    adatas = {f"S0{i + 1}": read_spatial_h5ad(p) for i, p in enumerate(h5)}
+    rng = np.random.default_rng(0)
+    feats = {k: (rng.normal(size=(a.n_obs, 6)) * 3 + 10 * (k == "S03")).astype(np.float32)
+             for k, a in adatas.items()}
+    protos = cpnn.Prototypes.load(root / "protos.h5ad")
+    model = fit_spatial({k: adatas[k] for k in ("S01", "S02")}, feats, protos,
+                        cpnn.CPNNConfig(hidden=(8,)), cpnn.TrainConfig(max_epochs=2, n_models=1, progress=False),
+                        encoder={"name": "x", "slide_standardise": "center"})
+    pred = predict_spatial(model, adatas["S03"], feats["S03"])
+    np.testing.assert_allclose(pred.X, _predicted(model, standardise_slide(feats["S03"], "center")),
+                               rtol=1e-4, atol=1e-4)
+    assert not np.allclose(pred.X, _predicted(model, feats["S03"]), atol=1e-3)
