@@ -68,7 +68,9 @@ class FitOptions:
         opts.seed = args.seed if args.seed is not None else cfg.get("seed", opts.seed)
         feat = dict(cfg.get("features", {}))
         for key, flag in (("encoder", "encoder"), ("patch_um", "patch_um"), ("tta", "tta"),
-                          ("context_rings", "context_rings"), ("subpatch_grid", "subpatch_grid")):
+                          ("context_rings", "context_rings"), ("subpatch_grid", "subpatch_grid"),
+                          ("slide_standardise", "slide_standardise"), ("nuclei", "nuclei"),
+                          ("stain_norm", "stain_norm")):
             if getattr(args, flag, None) is not None:
                 feat[key] = getattr(args, flag)
         opts.features = FeatureSpec(**{**SPOT_FEATURE_DEFAULTS, **feat})
