@@ -176,3 +176,14 @@ def test_bad_candidates_are_clear_errors(methods, selection, field):
     with pytest.raises(CPNNInputError) as err:
         _cfg(methods, **over)
     assert field in str(err.value)
+
+
+def test_paper_preset_is_the_papers_spot_head_and_stopping_rule():
+    from cpnn.evaluate.methods import cpnn_configs
+
+    model, train = cpnn_configs({"preset": "paper"}, seed=0)
+    assert model.normalise_prototypes and not model.gene_factors  # p_i @ softmax_genes(T), no a, b
+    assert model.loss == "nb" and model.hidden == (1024, 512)
+    assert train.early_stopping == "val_loss"
+    over, _ = cpnn_configs({"preset": "paper", "gene_factors": True}, seed=0)
+    assert over.gene_factors  # shortcuts still override the preset
