@@ -35,7 +35,11 @@ def file_identity(path: os.PathLike | str) -> Dict[str, Any]:
 def slide_identity(slide: Any) -> Optional[str]:
     """A string that changes whenever the slide's pixels may have: ``"<bytes>:<sha256>"`` of
     its file (plus a companion data folder, e.g. MIRAX), or ``"array:<sha256>"`` of an
-    in-memory image; None when neither is known."""
+    in-memory image; None when neither is known. A wrapper that transforms a slide's pixels
+    (e.g. stain normalisation, whose settings name the cache file) has its inner slide's."""
+    inner = getattr(slide, "_slide", None)
+    if inner is not None and inner is not slide:
+        return slide_identity(inner)
     path = getattr(slide, "path", None)
     if path:
         p = Path(path)
