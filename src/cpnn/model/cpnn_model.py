@@ -377,13 +377,10 @@ class CPNN:
     def _ensemble_outputs(self, data, chunk_patches: int = 16384, return_patch_outputs: bool = True):
         """The mixture's outputs on scaled ``data``; members' compositions and weights are
         averaged (still compositions / simplices)."""
-        from ..train.loop import predict_bags
+        from ..module.network import predict_bag_outputs
 
-        outs = [predict_bags(m, data, chunk_patches=chunk_patches, device=self.train_config.device,
-                             return_patch_outputs=return_patch_outputs) for m in self.modules]
-        if len(outs) == 1:
-            return outs[0]
-        return {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in outs[0]}
+        return predict_bag_outputs(self.modules, data.features, data.offsets, chunk_patches=chunk_patches,
+                                   device=self.train_config.device, return_patch_outputs=return_patch_outputs)
 
     def _apply_residual(self, out: Dict[str, np.ndarray], data, sub_patch_bags: bool) -> None:
         """Add the residual head's cell-state term (in place); the mixture-only

@@ -18,7 +18,7 @@ import torch
 
 from ..config import CPNNConfig, TrainConfig
 from ..module import losses
-from ..module.network import CPNNModule
+from ..module.network import CPNNModule, predict_bag_outputs
 from .bags import BagData
 from .early_stopping import EarlyStopping
 
@@ -57,7 +57,6 @@ def _bag_loss(
     return parts
 
 
-@torch.no_grad()
 def predict_bags(
     module: CPNNModule,
     data: BagData,
@@ -65,7 +64,9 @@ def predict_bags(
     device: str = "cpu",
     return_patch_outputs: bool = True,
 ) -> Dict[str, np.ndarray]:
-    """Deterministic prediction on every patch of every bag, in bounded-memory chunks.
+    """Deterministic prediction of one network on every patch of every bag, in chunks.
+
+    The single-network case of :func:`cpnn.module.network.predict_bag_outputs`.
 
     Returns
     -------
@@ -73,36 +74,8 @@ def predict_bags(
         ``bag_expr`` (B, G) and ``bag_weights`` (B, K); with ``return_patch_outputs``
         also ``weights`` (N, K) and ``spot_expr`` (N, G) per patch.
     """
-    module.eval()
-    n_patches = len(data.features)
-    n_bags = data.n_bags
-    bag_of_patch = np.repeat(np.arange(n_bags), data.sizes)
-    proto = module.prototype_expression()
-    bag_sum = torch.zeros((n_bags, module.n_genes), dtype=torch.float64)
-    bag_w = torch.zeros((n_bags, module.n_types), dtype=torch.float64)
-    patch_w = np.empty((n_patches, module.n_types), dtype=np.float32) if return_patch_outputs else None
-    patch_e = np.empty((n_patches, module.n_genes), dtype=np.float32) if return_patch_outputs else None
-    for start in range(0, n_patches, chunk_patches):
-        stop = min(start + chunk_patches, n_patches)
-        x = torch.from_numpy(data.features[start:stop]).to(device)
-        w = module.weights(x)
-        e = module._apply_gene_factors(w @ proto)
-        seg = torch.from_numpy(bag_of_patch[start:stop])
-        bag_sum.index_add_(0, seg, e.double().cpu())
-        bag_w.index_add_(0, seg, w.double().cpu())
-        if return_patch_outputs:
-            patch_w[start:stop] = w.cpu().numpy()
-            patch_e[start:stop] = (e / e.sum(dim=1, keepdim=True)).cpu().numpy()
-    sizes = torch.from_numpy(np.maximum(data.sizes, 1)).double()[:, None]
-    bag_mean = bag_sum / sizes
-    out = {
-        "bag_expr": (bag_mean / bag_mean.sum(dim=1, keepdim=True).clamp_min(1e-300)).float().numpy(),
-        "bag_weights": (bag_w / sizes).float().numpy(),
-    }
-    if return_patch_outputs:
-        out["weights"] = patch_w
-        out["spot_expr"] = patch_e
-    return out
+    return predict_bag_outputs([module], data.features, data.offsets, chunk_patches=chunk_patches,
+                               device=device, return_patch_outputs=return_patch_outputs)
 
 
 def _mean_gene_pearson(pred_comp: np.ndarray, counts: np.ndarray) -> float:
