@@ -53,7 +53,9 @@ def main() -> None:
     from cpnn.evaluate import expression_metrics, to_log1p_cp10k
     from cpnn.model import CPNN
     from cpnn.model.probes import RidgeProbe
-    from cpnn.workflows.fit import SPOT_MODEL_DEFAULTS, SPOT_TRAIN_DEFAULTS
+    from cpnn.presets import get_preset
+
+    spot = get_preset("spot")
 
     t_start = time.perf_counter()
     cache = Path(args.cache)
@@ -85,8 +87,8 @@ def main() -> None:
             row[name] = expression_metrics(probe.predict(x_te), truth)["scc_mean"]
         for name, bags_tr, bags_te in [("cpnn_112", list(f112[:, None]), list(t112[:, None])),
                                        ("cpnn_sub_bag", list(fsub), list(tsub))]:
-            model = CPNN(protos, CPNNConfig(**SPOT_MODEL_DEFAULTS),
-                         TrainConfig(**{**SPOT_TRAIN_DEFAULTS, "progress": False}))
+            model = CPNN(protos, spot.model, TrainConfig(**{**spot.train_options(), "progress": False}),
+                         preset="spot")
             model.fit(bags_tr, y_tr[keep], groups=groups)
             pred = model.predict(bags_te)["bag_expr"].astype(np.float64)
             row[name] = expression_metrics(np.log1p(pred * 1e4), truth)["scc_mean"]

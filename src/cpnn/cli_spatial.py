@@ -59,7 +59,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from .workflows.fit import FitOptions, run_fit
 
     cfg = load_yaml(args.config)
-    opts = FitOptions.from_sources(cfg, args)
+    opts = FitOptions.from_sources(cfg, args, path=args.config)
     samples = _inputs(args, require_image=args.features is None)
     run_fit(samples, opts, Path(args.out), features_dir=args.features, progress=not args.no_progress)
     return 0

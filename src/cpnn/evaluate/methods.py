@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from .._numerics import composition_log1p
 from ..errors import CPNNInputError
 from .metrics import to_log1p_cp10k
 
@@ -109,31 +110,28 @@ CPNN_SHORTCUTS = ("loss", "gene_factors", "learn_prototypes", "normalise_prototy
 def cpnn_configs(options: Dict[str, Any], seed: int, progress: bool = False):
     """(CPNNConfig, TrainConfig) of a ``cpnn`` method entry.
 
-    ``preset: package`` (default) starts from ``cpnn fit``'s spot defaults
-    (:data:`cpnn.workflows.fit.SPOT_MODEL_DEFAULTS`, ``SPOT_TRAIN_DEFAULTS``);
-    ``preset: paper`` from the paper's settings (the ``CPNNConfig``/``TrainConfig``
-    defaults, early stopping on the validation loss). ``model:``/``train:`` dicts and the
-    shortcuts ``loss``, ``gene_factors``, ``learn_prototypes`` ... override them.
+    ``preset`` names a :mod:`cpnn.presets` preset: ``package`` (default; = ``spot``,
+    ``cpnn fit``'s spot settings), ``paper`` (the paper's settings, early stopping on the
+    validation loss) or any other. ``model:``/``train:`` dicts and the shortcuts ``loss``,
+    ``gene_factors``, ``learn_prototypes`` ... override them.
     """
-    from ..config import CPNNConfig, TrainConfig, config_from_dict
-    from ..workflows.fit import SPOT_MODEL_DEFAULTS, SPOT_TRAIN_DEFAULTS
+    from ..presets import get_preset, preset_names
 
-    preset = options.get("preset", "package")
-    if preset == "package":
-        model, train = dict(SPOT_MODEL_DEFAULTS), dict(SPOT_TRAIN_DEFAULTS)
-    elif preset == "paper":
-        model, train = {}, {"early_stopping": "val_loss"}
-    else:
-        raise CPNNInputError(f"unknown cpnn preset {preset!r}", field="methods[].preset", fix="use package or paper")
-    model.update(options.get("model") or {})
+    name = options.get("preset", "package")
+    try:
+        preset = get_preset(name)
+    except ValueError:
+        raise CPNNInputError(f"unknown cpnn preset {name!r}", field="methods[].preset",
+                             fix=f"use package or one of {', '.join(preset_names())}") from None
+    model = dict(options.get("model") or {})
     for k in CPNN_SHORTCUTS:
         if k in options:
             model[k] = options[k]
-    train.update(options.get("train") or {})
+    train = dict(options.get("train") or {})
     train["seed"] = int(options.get("seed", seed))
     train["progress"] = progress
     try:
-        return config_from_dict(CPNNConfig, model), config_from_dict(TrainConfig, train)
+        return preset.configs(model, train)
     except ValueError as exc:
         raise CPNNInputError(str(exc), field="methods[].model/train") from exc
 
@@ -167,6 +165,7 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
                                  fix="report this: candidate genes are restricted to reference genes beforehand")
         counts = np.concatenate([train.counts, train.more_counts[:, :len(extra)]], axis=1)
     model = CPNN(model_protos, cfg, tcfg, encoder=ctx.encoder)
+    model.preset = options.get("preset", "package")
     targets: Any = None
     mode = options.get("composition_targets", "deconvolve")
     if mode == "deconvolve":
@@ -192,7 +191,7 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
     scored = out["expression"][:, :n_scored].astype(np.float64)
     scored /= scored.sum(axis=1, keepdims=True)
     return MethodOutput(
-        expression=np.log1p(scored * 1e4),
+        expression=composition_log1p(scored),
         weights=out["weights"], cell_types=list(model.cell_types),
         info={"best_epoch": tr.best_epoch, "epochs_run": tr.epochs_run, "criterion": tr.criterion,
               "n_cell_types": len(model.cell_types), "n_model_genes": len(model.genes),

@@ -14,7 +14,8 @@ from ..errors import CPNNInputError
 from .files import read_model_file, write_model_file
 from .scaling import FeatureScaler
 
-FORMAT_VERSION = 1
+#: Version of the model file layout; 2 added ``preset``. Files of a newer version are refused.
+FORMAT_VERSION = 2
 
 
 def _dense_counts(counts, genes: Sequence[str], what: str = "counts") -> np.ndarray:
@@ -73,6 +74,10 @@ class CPNN:
     encoder
         Optional description of the features' origin (``name``, ``patch_um``, ``out_px``,
         ...); saved with the model and checked at prediction time.
+    preset
+        Name of the :mod:`cpnn.presets` preset that ``config`` / ``train_config`` start from
+        when they are not given (default ``"slide"``: the paper's network, early stopping on
+        validation Pearson); recorded in the model file.
 
     Examples
     --------
@@ -88,6 +93,7 @@ class CPNN:
         config: Optional[CPNNConfig] = None,
         train_config: Optional[TrainConfig] = None,
         encoder: Optional[Dict[str, Any]] = None,
+        preset: Optional[str] = None,
     ) -> None:
         values = np.asarray(prototypes.values, dtype=np.float64)
         if values.ndim != 2 or values.shape[0] != len(prototypes.cell_types) or values.shape[1] != len(prototypes.genes):
@@ -104,8 +110,15 @@ class CPNN:
         self.prototype_provenance = dict(getattr(prototypes, "provenance", {}) or {})
         self.prototype_provenance.setdefault("method", getattr(prototypes, "method", None))
         self.prototype_provenance.setdefault("label_key", getattr(prototypes, "label_key", None))
-        self.config = config or CPNNConfig()
-        self.train_config = train_config or TrainConfig()
+        from ..presets import get_preset
+
+        self.preset = preset or "slide"
+        try:
+            defaults = get_preset(self.preset)
+        except ValueError as exc:
+            raise CPNNInputError(str(exc), field="preset") from None
+        self.config = config or defaults.model
+        self.train_config = train_config or defaults.train
         self.encoder = dict(encoder or {})
         self.modules: list = []
         self.train_results: list = []
@@ -287,12 +300,12 @@ class CPNN:
     def _fit_residual(self, data, counts: np.ndarray, groups):
         """The residual head on every training spot: bag-mean scaled features ->
         observed minus mixture log1p CP10k (see :mod:`cpnn.model.residual`)."""
-        from ..evaluate.metrics import to_log1p_cp10k
+        from .._numerics import composition_log1p, log1p_cp10k
         from .residual import ResidualHead
 
         mix = self._ensemble_outputs(data, return_patch_outputs=False)["bag_expr"]
         return ResidualHead(seed=self.train_config.seed).fit(
-            data.bag_means(), np.log1p(mix.astype(np.float64) * 1e4), to_log1p_cp10k(counts), groups)
+            data.bag_means(), composition_log1p(mix.astype(np.float64)), log1p_cp10k(counts), groups)
 
     def _new_member(self, in_dim: int, seed: int, balance=None):
         """A freshly initialised ensemble member (``seed``) with its composition type weights."""
@@ -424,6 +437,7 @@ class CPNN:
             "format": "cpnn-model",
             "format_version": FORMAT_VERSION,
             "cpnn_version": __version__,
+            "preset": self.preset,
             "config": config_to_dict(self.config),
             "train_config": config_to_dict(self.train_config),
             "genes": self.genes,
@@ -464,6 +478,12 @@ class CPNN:
         """
         path = Path(path)
         payload = read_model_file(path, "cpnn-model", "cpnn model", "CPNN.save / cpnn fit")
+        version = payload.get("format_version")
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise CPNNInputError(
+                f"model file format version {version!r} is not one this cpnn {__version__} reads "
+                f"(1 to {FORMAT_VERSION})", path=path, field="format_version",
+                fix="load it with the cpnn version that wrote it (its 'cpnn_version' entry), or retrain")
         if genes is not None and list(genes) != payload["genes"]:
             _raise_gene_mismatch(path, payload["genes"], list(genes))
         check_encoder(payload.get("encoder") or {}, encoder, path)
@@ -476,6 +496,7 @@ class CPNN:
 
         model = cls(_P(), config_from_dict(CPNNConfig, payload["config"]),
                     config_from_dict(TrainConfig, payload["train_config"]), payload.get("encoder"))
+        model.preset = payload.get("preset")  # None in version-1 files (every option is recorded)
         lpf = payload.get("log_platform_factor")
         model.log_platform_factor = None if lpf is None else lpf.numpy()
         model.scaler = FeatureScaler.from_dict(payload["scaler"])
@@ -516,7 +537,9 @@ def _trainer():
 
 def _add_log_residual(composition: np.ndarray, residual: np.ndarray) -> np.ndarray:
     """``composition`` moved by ``residual`` on log1p CP10k, returned as a composition."""
-    log = np.log1p(np.asarray(composition, np.float64) * 1e4) + residual
+    from .._numerics import composition_log1p
+
+    log = composition_log1p(np.asarray(composition, np.float64)) + residual
     expr = np.clip(np.expm1(log), 0.0, None)
     return (expr / np.maximum(expr.sum(axis=1, keepdims=True), 1e-300)).astype(np.float32)
 

@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from .._numerics import mean_column_pearson
+
 DEFAULT_ALPHA_GRID = tuple(10.0 ** np.arange(-2, 9))
 
 
@@ -133,12 +135,7 @@ def inner_folds(n: int, groups: Optional[Sequence], n_folds: int, seed: int = 0)
     return folds
 
 
-def _mean_pearson(pred: np.ndarray, true: np.ndarray) -> float:
-    a = pred - pred.mean(0)
-    b = true - true.mean(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    ok = den > 1e-12
-    return float(((a * b).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
+_mean_pearson = mean_column_pearson  # the inner-CV score (also the residual head's)
 
 
 class MLPRegressor:

@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from .._numerics import log1p_cp10k as _log1p_cp10k
+from .._numerics import mean_column_pearson
 from ..config import TrainConfig
 from ..errors import CPNNInputError
 from ..train.early_stopping import EarlyStopping
@@ -29,16 +31,10 @@ BASELINE_FORMAT = "cpnn-slide-baseline"
 
 def log1p_cp10k(counts: np.ndarray) -> np.ndarray:
     """``log1p(counts / row sum * 1e4)`` as float32 (rows with zero total stay zero)."""
-    x = np.asarray(counts, dtype=np.float64)
-    tot = x.sum(axis=1, keepdims=True)
-    return np.log1p(x / np.where(tot > 0, tot, 1.0) * 1e4).astype(np.float32)
+    return _log1p_cp10k(counts, dtype=np.float32)
 
 
-def mean_gene_pearson(pred: np.ndarray, true: np.ndarray) -> float:
-    """Mean over genes of Pearson across rows (genes constant on either side skipped)."""
-    from ..train.loop import mean_column_pearson
-
-    return mean_column_pearson(pred, true)
+mean_gene_pearson = mean_column_pearson  # mean over genes of Pearson across bags
 
 
 def _bags_from_list(bags) -> "Any":

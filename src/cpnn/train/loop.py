@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from .._numerics import composition_log1p, log1p_cp10k, mean_column_pearson
 from ..config import CPNNConfig, TrainConfig
 from ..module import losses
 from ..module.network import CPNNModule, predict_bag_outputs
@@ -80,19 +81,7 @@ def predict_bags(
 
 def _mean_gene_pearson(pred_comp: np.ndarray, counts: np.ndarray) -> float:
     """Mean over genes of Pearson across bags, on log1p CP10k (constant genes skipped)."""
-    tot = counts.sum(axis=1, keepdims=True)
-    return mean_column_pearson(np.asarray(np.log1p(pred_comp * 1e4), np.float64),
-                               np.asarray(np.log1p(counts / np.maximum(tot, 1e-12) * 1e4), np.float64))
-
-
-def mean_column_pearson(pred: np.ndarray, true: np.ndarray) -> float:
-    """Mean over columns of Pearson across rows (columns constant on either side skipped),
-    in the arrays' own precision."""
-    x = pred - pred.mean(0)
-    y = true - true.mean(0)
-    den = np.sqrt((x * x).sum(0) * (y * y).sum(0))
-    ok = den > 1e-12
-    return float(((x * y).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
+    return mean_column_pearson(composition_log1p(np.asarray(pred_comp, np.float64)), log1p_cp10k(counts))
 
 
 def validation_metrics(module, bag_expr: np.ndarray, bag_weights: np.ndarray, data: BagData,

@@ -12,6 +12,7 @@ from typing import Dict, Iterable, Optional, Union
 import numpy as np
 
 from .._constants import MIXTURE_LAYER, SPATIAL, UNS, WEIGHTS
+from .._numerics import composition_log1p
 from ..errors import CPNNInputError
 
 
@@ -181,18 +182,18 @@ def predict_slide(model, slide_path: Union[str, os.PathLike], mpp: Optional[floa
                        index=pd.Index([f"tile{i}" for i in range(n)], name="tile"))
     obs["cpnn_dominant_type"] = pd.Categorical([model.cell_types[i] for i in pred["weights"].argmax(1)],
                                                categories=model.cell_types)
-    adata = ad.AnnData(X=np.log1p(pred["spot_expr"] * 1e4).astype(np.float32), obs=obs,
+    adata = ad.AnnData(X=composition_log1p(pred["spot_expr"]).astype(np.float32), obs=obs,
                        var=pd.DataFrame(index=pd.Index(model.genes, name="gene")))
     adata.obsm[SPATIAL] = coords + side / 2.0
     adata.obsm[WEIGHTS] = pred["weights"].astype(np.float32)
     if "spot_expr_mixture" in pred:  # residual head on: X = mixture + cell-state term
-        adata.layers[MIXTURE_LAYER] = np.log1p(pred["spot_expr_mixture"] * 1e4).astype(np.float32)
+        adata.layers[MIXTURE_LAYER] = composition_log1p(pred["spot_expr_mixture"]).astype(np.float32)
     sid = facts["slide_id"]
     adata.uns[UNS] = {
         "cell_types": list(model.cell_types),
         "level": "slide",
         "expression": "log1p CP10k (predicted)",
-        "bulk_prediction": np.log1p(pred["bag_expr"][0] * 1e4).astype(np.float32),
+        "bulk_prediction": composition_log1p(pred["bag_expr"][0]).astype(np.float32),
         "bulk_weights": pred["bag_weights"][0].astype(np.float32),
         "slide_path": facts["path"],
         "n_tiles": int(n),
