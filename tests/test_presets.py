@@ -107,3 +107,26 @@ def test_get_preset_returns_copies():
     assert p.name == "spot"
     with pytest.raises(ValueError, match="unknown preset 'x'; valid presets"):
         get_preset("x")
+
+
+def test_benchmark_config_typos_are_errors(tmp_path):
+    from cpnn.evaluate.benchmark import load_config, resolve_config
+
+    base = {"data": {"kind": "synthetic"}}
+    path = tmp_path / "bench.yaml"
+    path.write_text("data: {kind: synthetic}\nmethdos:\n  - {name: r, kind: ridge}\n")
+    with pytest.raises(CPNNInputError, match="bench.yaml.*unknown key.*methdos.*valid keys:.*methods"):
+        load_config(path)
+    with pytest.raises(CPNNInputError, match=r"methods\[c\].*lsos.*valid keys:.*loss"):
+        resolve_config({**base, "methods": [{"name": "c", "kind": "cpnn", "lsos": "nb"}]})
+    with pytest.raises(CPNNInputError, match=r"methods\[r\]\.candidates.*alpha\b"):
+        resolve_config({**base, "methods": [{"name": "r", "kind": "ridge", "candidates": {"alpha": [1, 2]}}]})
+    with pytest.raises(CPNNInputError, match=r"methods\[m\].*hiden.*hidden"):
+        resolve_config({**base, "methods": [{"name": "m", "kind": "mlp", "hiden": 64}]})
+    with pytest.raises(CPNNInputError, match=r"split.*n_fold\b.*n_folds"):
+        resolve_config({**base, "split": {"n_fold": 3}})
+    ok = resolve_config({**base, "methods": [{"name": "c", "kind": "cpnn", "preset": "paper", "loss": "nb",
+                                               "train": {"max_epochs": 3}}]})
+    assert ok["methods"][0]["loss"] == "nb"
+    with pytest.raises(CPNNInputError, match=r"methods\[c\].*max_epoch\b.*valid options:.*max_epochs"):
+        resolve_config({**base, "methods": [{"name": "c", "kind": "cpnn", "train": {"max_epoch": 3}}]})

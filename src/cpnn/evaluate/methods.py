@@ -26,6 +26,7 @@ from ..errors import CPNNInputError
 from .metrics import to_log1p_cp10k
 
 _METHODS: Dict[str, Callable[..., "MethodOutput"]] = {}
+_OPTIONS: Dict[str, Any] = {}
 
 
 @dataclass
@@ -78,14 +79,27 @@ class MethodOutput:
     info: Dict[str, Any] = field(default_factory=dict)
 
 
-def register_method(kind: str):
-    """Decorator registering ``fn(train, test, ctx, **options) -> MethodOutput`` as ``kind``."""
+def register_method(kind: str, options=None):
+    """Decorator registering ``fn(train, test, ctx, **options) -> MethodOutput`` as ``kind``.
+
+    ``options``: the option names a config may give this kind (a sequence, or a function
+    returning one, called when a config is checked); unknown options are then an error at
+    load. None: not checked.
+    """
 
     def deco(fn):
         _METHODS[kind] = fn
+        _OPTIONS[kind] = options
         return fn
 
     return deco
+
+
+def method_options(kind: str):
+    """The valid options of ``kind`` (a tuple), or None when the kind does not declare them."""
+    get_method(kind)
+    opts = _OPTIONS.get(kind)
+    return tuple(opts() if callable(opts) else opts) if opts is not None else None
 
 
 def get_method(kind: str):
@@ -136,7 +150,16 @@ def cpnn_configs(options: Dict[str, Any], seed: int, progress: bool = False):
         raise CPNNInputError(str(exc), field="methods[].model/train") from exc
 
 
-@register_method("cpnn")
+def _mlp_options():
+    import inspect
+
+    from ..model.probes import MLPRegressor
+
+    return [p for p in inspect.signature(MLPRegressor.__init__).parameters if p != "self"]
+
+
+@register_method("cpnn", options=("preset", "label", "prototypes", "composition_targets", "deconvolution",
+                                  "train_genes", "model", "train", "seed", *CPNN_SHORTCUTS))
 def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options) -> MethodOutput:
     """CPNN at spot level. Options: ``preset``, ``label`` (reference column, or
     ``kmeans<k>``), ``prototypes`` (``regression``/``naive``), ``composition_targets``
@@ -208,7 +231,7 @@ def spot_level(features: np.ndarray) -> np.ndarray:
     return features.mean(axis=1) if features.ndim == 3 else features
 
 
-@register_method("ridge")
+@register_method("ridge", options=("alphas", "n_components", "n_inner_folds", "seed"))
 def run_ridge(train: TrainData, test: TestData, ctx: MethodContext, /, **options) -> MethodOutput:
     """HEST-Benchmark probe (standardise, PCA, ridge) on log1p CP10k. Options:
     ``alphas`` (``cv`` inner CV grouped by training groups, ``hest`` the published
@@ -221,7 +244,7 @@ def run_ridge(train: TrainData, test: TestData, ctx: MethodContext, /, **options
     return MethodOutput(expression=probe.predict(spot_level(test.features)), info={"alpha": probe.alpha_})
 
 
-@register_method("mlp")
+@register_method("mlp", options=_mlp_options)
 def run_mlp(train: TrainData, test: TestData, ctx: MethodContext, /, **options) -> MethodOutput:
     """MLP regressor on log1p CP10k (:class:`cpnn.model.probes.MLPRegressor` options)."""
     from ..model.probes import MLPRegressor
