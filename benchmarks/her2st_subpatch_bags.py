@@ -11,7 +11,7 @@ neighbour-context ring:
 - ``ridge_112+sub``: the probe on [112 um feature, mean sub-patch feature];
 - ``cpnn_sub_bag``: CPNN (package defaults, ``celltype_subset`` regression prototypes) with
   each spot a bag of its sub-patches: one cell-type mixture per sub-patch, the spot's
-  expression the mean of theirs (METHOD.md's bag head, used at spot level).
+  expression the mean of theirs (the method's bag head, docs/ARCHITECTURE.md §3, used at spot level).
 
     python benchmarks/her2st_subpatch_bags.py --data-dir ../shared/data --cache /tmp/subpatch \
         --features-112 /tmp/her2st_none --json subpatch.json

@@ -1,4 +1,4 @@
-"""Per-gene correlation metrics across held-out observations (METHOD.md §5).
+"""Per-gene correlation metrics across held-out observations (method §5, docs/ARCHITECTURE.md).
 
 Numerics layer (numpy/scipy only): any layer may score with it; ``cpnn.evaluate.metrics``
 re-exports it under its former name.

@@ -221,7 +221,7 @@ class CPNN:
             ``(B + 1,)`` offsets into ``features`` when it is one array of several bags.
         composition_targets
             ``"deconvolve"`` (default: deconvolve these training counts against the
-            prototypes, METHOD.md §2, and initialise ``a_g`` with the platform factor),
+            prototypes, method §2, docs/ARCHITECTURE.md, and initialise ``a_g`` with the platform factor),
             a ``(B, K)`` array, or None (no composition loss).
         groups
             Group (patient / section / slide) of each bag; the validation part for early

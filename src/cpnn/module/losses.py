@@ -1,4 +1,4 @@
-"""Losses of METHOD.md §4, as plain functions of tensors.
+"""Losses of method §4, docs/ARCHITECTURE.md, as plain functions of tensors.
 
 All expression losses take ``pred`` as a composition over genes (rows sum to 1) and
 ``counts`` as raw counts, so that every variant sees the same inputs.
@@ -59,7 +59,7 @@ def pearson_loss(pred: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 def composition_loss(weights: torch.Tensor, targets: torch.Tensor,
                      type_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``mean_k (mean_i p_i - W)^2`` averaged over bags (METHOD.md §4).
+    """``mean_k (mean_i p_i - W)^2`` averaged over bags (method §4, docs/ARCHITECTURE.md).
 
     ``type_weights`` (K,), mean 1, re-weights the types (see ``CPNNConfig.composition_balance``).
     """

@@ -1,4 +1,4 @@
-"""The CPNN network (METHOD.md §3), vectorised over bags of different sizes."""
+"""The CPNN network (method §3, docs/ARCHITECTURE.md), vectorised over bags of different sizes."""
 from __future__ import annotations
 
 import math
@@ -174,7 +174,7 @@ class CPNNModule(nn.Module):
         return out
 
     def template_penalty(self) -> torch.Tensor:
-        """MSE between ``softmax_genes(T)`` and ``softmax_genes(log T0)`` (METHOD.md §4)."""
+        """MSE between ``softmax_genes(T)`` and ``softmax_genes(log T0)`` (method §4, docs/ARCHITECTURE.md)."""
         if not self.config.learn_prototypes:
             return self.log_prototypes.new_zeros(())
         current = torch.softmax(self.log_prototypes, dim=1)

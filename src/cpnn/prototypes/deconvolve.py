@@ -1,6 +1,6 @@
 """Deconvolution of bulk / spot counts against cell-type prototypes.
 
-The cell2location-style spatial model of METHOD.md section 2::
+The cell2location-style spatial model of method §2, docs/ARCHITECTURE.md::
 
     y_ng ~ NB(mu_ng, r_g),   mu_ng = m_g * sum_k w_nk T_kg + s_g
 
@@ -131,7 +131,7 @@ def deconvolve(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Deconvolution:
-    """Cell-type abundances of each observation given prototypes (METHOD.md section 2).
+    """Cell-type abundances of each observation given prototypes (method §2, docs/ARCHITECTURE.md).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Plain-PyTorch training loop for CPNN (METHOD.md §5, with the weak points fixed).
+"""Plain-PyTorch training loop for CPNN (method §5, docs/ARCHITECTURE.md, with the weak points fixed).
 
 - Early stopping on a validation part carved from the *training* data; the best weights
   are restored at the end.

@@ -94,7 +94,7 @@ def run_demo(out_dir: Optional[str | Path] = None, seed: int = 0, quick: bool = 
     _log("building prototypes from the synthetic single-cell reference", quiet)
     ps = settings["prototypes"]
     # the synthetic reference measures a few hundred genes, not a transcriptome, so the
-    # "at least 200 detected genes" rule of METHOD.md is scaled down; the rest applies
+    # "at least 200 detected genes" rule of the reference QC (method §1) is scaled down; the rest applies
     reference = reference_qc(cohort.reference, ps["label_key"], min_genes=ps["min_genes"])
     protos = build_prototypes(reference, ps["label_key"], method=ps["method"], batch_key=ps["batch_key"],
                               genes=cohort.genes, seed=seed)
