@@ -520,18 +520,17 @@ class CPNN:
 
 
 def _trainer():
-    """``train_cpnn``, or its DistributedDataParallel twin when ``torchrun`` started
-    several processes (``WORLD_SIZE > 1``): the same call then trains data-parallel, every
-    process ending with the same weights (see docs/DISTRIBUTED.md)."""
+    """``train_cpnn`` (the one loop); when ``torchrun`` started several processes
+    (``WORLD_SIZE > 1``) the process group is joined first, so that the same loop trains
+    data-parallel, every process ending with the same weights (see docs/DISTRIBUTED.md)."""
     from ..train.distributed import dist_env
-
-    if dist_env()[1] > 1:
-        from ..train.distributed import init_distributed, train_cpnn_distributed
-
-        _, _, device = init_distributed()
-        return lambda *args: train_cpnn_distributed(*args, device=device)
     from ..train.loop import train_cpnn
 
+    if dist_env()[1] > 1:
+        from ..train.distributed import init_distributed
+
+        _, _, device = init_distributed()
+        return lambda *args: train_cpnn(*args, device=device)
     return train_cpnn
 
 

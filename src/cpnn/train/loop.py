@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -104,9 +105,68 @@ def validation_metrics(module, bag_expr: np.ndarray, bag_weights: np.ndarray, da
     return metrics
 
 
-def _evaluate(module, data: BagData, config: CPNNConfig, device: str) -> Dict[str, float]:
-    pred = predict_bags(module, data, device=device, return_patch_outputs=False)
-    return validation_metrics(module, pred["bag_expr"], pred["bag_weights"], data, config, device)
+def world() -> Tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _LossModule(torch.nn.Module):
+    """Forward = network + loss, so that DDP sees every parameter the loss uses.
+
+    ``log_theta`` and the prototypes enter the loss outside ``CPNNModule.forward``; DDP only
+    synchronises parameters reached from the wrapped module's forward.
+    """
+
+    def __init__(self, module: CPNNModule, config: CPNNConfig) -> None:
+        super().__init__()
+        self.net = module
+        self.config = config
+
+    def forward(self, features, local, n_bags, counts, targets, scale):
+        out = self.net(features, local, n_bags=n_bags)
+        parts = _bag_loss(self.net, out, counts, targets, self.config)
+        template = parts.get("template")
+        bag_part = parts["total"] - template if template is not None else parts["total"]
+        # scale: this process's share of the global batch (0 for a padding bag)
+        return bag_part * scale + (template if template is not None else 0.0)
+
+
+def _split_rows(rows: np.ndarray, local: np.ndarray, mine: np.ndarray, n_batch: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows and renumbered bag ids of the batch positions ``mine`` (of ``n_batch``)."""
+    keep = np.isin(local, mine)
+    remap = np.full(n_batch, -1, dtype=np.int64)
+    remap[mine] = np.arange(len(mine))
+    return rows[keep], remap[local[keep]]
+
+
+def _gather_val_predictions(module: CPNNModule, val: BagData, device: str, rank: int, n_proc: int):
+    """Predict this process's share of the validation bags and gather all of them, in order."""
+    idx = np.arange(rank, val.n_bags, n_proc)
+    part = predict_bags(module, val.subset(idx), device=device, return_patch_outputs=False) if len(idx) else None
+    if n_proc == 1:
+        return part["bag_expr"], part["bag_weights"]
+    import torch.distributed as dist
+
+    gathered: List[Optional[dict]] = [None] * n_proc
+    dist.all_gather_object(gathered, {"idx": idx, "pred": part})
+    bag_expr = np.empty((val.n_bags, module.n_genes), dtype=np.float32)
+    bag_w = np.empty((val.n_bags, module.n_types), dtype=np.float32)
+    for item in gathered:
+        if item["pred"] is not None:
+            bag_expr[item["idx"]] = item["pred"]["bag_expr"]
+            bag_w[item["idx"]] = item["pred"]["bag_weights"]
+    return bag_expr, bag_w
+
+
+def _val_metrics(module: CPNNModule, val: BagData, config: CPNNConfig, device: str, rank: int,
+                 n_proc: int) -> Dict[str, float]:
+    """Validation metrics of every process's gathered predictions (identical everywhere)."""
+    bag_expr, bag_w = _gather_val_predictions(module, val, device, rank, n_proc)
+    return validation_metrics(module, bag_expr, bag_w, val, config, device)
 
 
 def train_cpnn(
@@ -115,20 +175,31 @@ def train_cpnn(
     val: Optional[BagData],
     config: CPNNConfig,
     train_config: TrainConfig,
+    device: Optional[str] = None,
 ) -> TrainResult:
-    """Fit ``module`` in place and restore its best weights.
+    """Fit ``module`` in place and restore its best weights: the one CPNN training loop.
+
+    On one process it trains on every bag of each step. Under an initialised process group
+    of ``N > 1`` processes (``torchrun``) the same loop is data-parallel: every process draws
+    the same seeded permutation and patch subsample (``batch_size`` is the global batch),
+    takes the step's bags ``rank, rank + N, ...``, scales its loss by its share so that
+    DDP's gradient average is the global batch's, and all processes compute the same
+    validation metrics from gathered predictions (see docs/DISTRIBUTED.md).
 
     Parameters
     ----------
     module
-        The network, initialised.
+        The network, initialised (identically on every process).
     train
-        Training bags with ``counts`` (and optionally composition ``targets``).
+        Training bags with ``counts`` (and optionally composition ``targets``); features
+        may be memory-mapped (each step copies only its rows).
     val
         Validation bags carved from the training data, or None (then no early stopping:
         the last epoch is kept).
     config, train_config
         Model and optimisation settings.
+    device
+        Defaults to ``train_config.device``.
 
     Returns
     -------
@@ -136,14 +207,30 @@ def train_cpnn(
     """
     if train.counts is None:
         raise ValueError("training bags need counts")
+    rank, n_proc = world()
     tc = train_config
-    device = tc.device
+    device = device or tc.device
+    if n_proc > 1 and config.loss == "pearson":
+        warnings.warn("loss='pearson' correlates bags within a batch; with several processes each "
+                      "process correlates its own share, so results differ from one process", stacklevel=2)
     module.to(device)
+    wrapped = None
+    if n_proc > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # unused parameters exist for some configs (e.g. log_theta without the NB loss)
+        wrapped = DDP(_LossModule(module, config),
+                      device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None,
+                      find_unused_parameters=True)
     rng = np.random.default_rng(tc.seed)
     torch.manual_seed(tc.seed)
     opt = torch.optim.AdamW(module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma)
-    features = torch.from_numpy(train.features)
+    with warnings.catch_warnings():
+        # memory-mapped, read-only features: torch warns that they are not writable; they are
+        # only ever indexed (copied) here
+        warnings.simplefilter("ignore", UserWarning)
+        features = torch.from_numpy(np.asarray(train.features))
     counts = torch.from_numpy(train.counts)
     targets = None if train.targets is None else torch.from_numpy(train.targets)
 
@@ -152,7 +239,7 @@ def train_cpnn(
     result = TrainResult(criterion=criterion)
     t0 = time.perf_counter()
     bar = None
-    if tc.progress:
+    if tc.progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=tc.max_epochs, desc=tc.progress_desc, unit="epoch", leave=False)
@@ -160,36 +247,52 @@ def train_cpnn(
         for epoch in range(tc.max_epochs):
             module.train()
             order = rng.permutation(train.n_bags)
-            totals = []
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            n_steps = 0
             for start in range(0, train.n_bags, tc.batch_size):
                 bags = order[start : start + tc.batch_size]
+                # every process draws the whole batch's subsample so the rng stays in step
                 rows, local = train.patch_index(bags, tc.max_patches_per_bag, rng)
-                out = module(
-                    features[rows].to(device), torch.from_numpy(local).to(device), n_bags=len(bags)
-                )
-                parts = _bag_loss(
-                    module,
-                    out,
-                    counts[bags].to(device),
-                    None if targets is None else targets[bags].to(device),
-                    config,
-                )
-                if not torch.isfinite(parts["total"]):
+                if wrapped is None:
+                    out = module(features[rows].to(device), torch.from_numpy(local).to(device), n_bags=len(bags))
+                    parts = _bag_loss(module, out, counts[bags].to(device),
+                                      None if targets is None else targets[bags].to(device), config)
+                    loss = parts["total"]
+                else:
+                    mine = np.arange(rank, len(bags), n_proc)
+                    scale = len(mine) * n_proc / len(bags)
+                    if len(mine) == 0:  # fewer bags than processes: a zero-weight stand-in bag
+                        mine, scale = np.arange(1), 0.0
+                    my_rows, my_local = _split_rows(rows, local, mine, len(bags))
+                    my_bags = bags[mine]
+                    loss = wrapped(features[my_rows].to(device), torch.from_numpy(my_local).to(device), len(mine),
+                                   counts[my_bags].to(device),
+                                   None if targets is None else targets[my_bags].to(device), scale)
+                    parts = {"total": loss}
+                if not torch.isfinite(loss):
                     bad = {k: float(v.detach()) for k, v in parts.items()}
                     raise FloatingPointError(
                         f"non-finite training loss at epoch {epoch} ({bad}); check the inputs for NaN/inf "
                         "or lower the learning rate"
                     )
                 opt.zero_grad(set_to_none=True)
-                parts["total"].backward()
+                loss.backward()
                 if tc.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip)
                 opt.step()
-                totals.append(float(parts["total"].detach()))
+                loss_sum += loss.detach().double().cpu()
+                n_steps += 1
+            if n_proc > 1:
+                import torch.distributed as dist
+
+                # sum over processes of the scaled losses = N x the global-batch loss
+                # (the unscaled template term is counted N times, hence the division)
+                dist.all_reduce(loss_sum)
+                loss_sum /= n_proc
             sched.step()
-            record = {"epoch": epoch, "train_loss": float(np.mean(totals))}
+            record = {"epoch": epoch, "train_loss": float(loss_sum) / max(n_steps, 1)}
             if val is not None:
-                record.update(_evaluate(module, val, config, device))
+                record.update(_val_metrics(module, val, config, device, rank, n_proc))
             result.history.append(record)
             result.epochs_run = epoch + 1
             stop = stopper.step(epoch, record, module)
