@@ -259,3 +259,22 @@ def test_baseline_save_load_predicts_identically(kind, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(CPNNInputError, match="junk.pt"):
         SlideBaseline.load(tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("kind", ["meanpool_mlp", "cpnn"])
+def test_every_bag_model_trains_through_the_shared_loop(kind):
+    # issue 15: the slide baselines train with CPNN's epoch loop (cpnn.train.trainer.fit_epochs),
+    # so they inherit its checks, e.g. a diverging run stops with a clear error instead of
+    # finishing on NaN weights
+    bags, counts, t = planted_bags(12, seed=2)
+    tc = TrainConfig(max_epochs=3, batch_size=4, lr=float("inf"), progress=False, early_stopping="none")
+    if kind == "cpnn":
+        from cpnn.model import CPNN
+
+        model = CPNN(_Protos(t * 100), CPNNConfig(hidden=(8,)), tc)
+        fit = lambda: model.fit(bags, counts, composition_targets=None)  # noqa: E731
+    else:
+        model = SlideBaseline(kind, [f"g{j}" for j in range(counts.shape[1])], tc)
+        fit = lambda: model.fit(bags, counts)  # noqa: E731
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        fit()

@@ -9,9 +9,7 @@
 from __future__ import annotations
 
 import math
-import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -22,19 +20,7 @@ from ..config import CPNNConfig, TrainConfig
 from ..module import losses
 from ..module.network import CPNNModule, predict_bag_outputs
 from .bags import BagData
-from .early_stopping import EarlyStopping
-
-
-@dataclass
-class TrainResult:
-    """What happened during training."""
-
-    history: List[Dict[str, float]] = field(default_factory=list)
-    best_epoch: int = -1
-    best_score: float = float("nan")
-    epochs_run: int = 0
-    seconds: float = 0.0
-    criterion: str = "none"
+from .trainer import TrainResult, fit_epochs
 
 
 def _bag_loss(
@@ -222,10 +208,7 @@ def train_cpnn(
         wrapped = DDP(_LossModule(module, config),
                       device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None,
                       find_unused_parameters=True)
-    rng = np.random.default_rng(tc.seed)
     torch.manual_seed(tc.seed)
-    opt = torch.optim.AdamW(module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma)
     with warnings.catch_warnings():
         # memory-mapped, read-only features: torch warns that they are not writable; they are
         # only ever indexed (copied) here
@@ -234,80 +217,32 @@ def train_cpnn(
     counts = torch.from_numpy(train.counts)
     targets = None if train.targets is None else torch.from_numpy(train.targets)
 
-    criterion = tc.early_stopping if val is not None else "none"
-    stopper = EarlyStopping(criterion, tc.patience)
-    result = TrainResult(criterion=criterion)
-    t0 = time.perf_counter()
-    bar = None
-    if tc.progress and rank == 0:
-        from tqdm.auto import tqdm
+    def step(bags: np.ndarray, rng: np.random.Generator):
+        # every process draws the whole batch's subsample so the rng stays in step
+        rows, local = train.patch_index(bags, tc.max_patches_per_bag, rng)
+        if wrapped is None:
+            out = module(features[rows].to(device), torch.from_numpy(local).to(device), n_bags=len(bags))
+            parts = _bag_loss(module, out, counts[bags].to(device),
+                              None if targets is None else targets[bags].to(device), config)
+            return parts["total"], parts
+        mine = np.arange(rank, len(bags), n_proc)
+        scale = len(mine) * n_proc / len(bags)
+        if len(mine) == 0:  # fewer bags than processes: a zero-weight stand-in bag
+            mine, scale = np.arange(1), 0.0
+        my_rows, my_local = _split_rows(rows, local, mine, len(bags))
+        my_bags = bags[mine]
+        loss = wrapped(features[my_rows].to(device), torch.from_numpy(my_local).to(device), len(mine),
+                       counts[my_bags].to(device), None if targets is None else targets[my_bags].to(device), scale)
+        return loss, {"total": loss}
 
-        bar = tqdm(total=tc.max_epochs, desc=tc.progress_desc, unit="epoch", leave=False)
-    try:
-        for epoch in range(tc.max_epochs):
-            module.train()
-            order = rng.permutation(train.n_bags)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            n_steps = 0
-            for start in range(0, train.n_bags, tc.batch_size):
-                bags = order[start : start + tc.batch_size]
-                # every process draws the whole batch's subsample so the rng stays in step
-                rows, local = train.patch_index(bags, tc.max_patches_per_bag, rng)
-                if wrapped is None:
-                    out = module(features[rows].to(device), torch.from_numpy(local).to(device), n_bags=len(bags))
-                    parts = _bag_loss(module, out, counts[bags].to(device),
-                                      None if targets is None else targets[bags].to(device), config)
-                    loss = parts["total"]
-                else:
-                    mine = np.arange(rank, len(bags), n_proc)
-                    scale = len(mine) * n_proc / len(bags)
-                    if len(mine) == 0:  # fewer bags than processes: a zero-weight stand-in bag
-                        mine, scale = np.arange(1), 0.0
-                    my_rows, my_local = _split_rows(rows, local, mine, len(bags))
-                    my_bags = bags[mine]
-                    loss = wrapped(features[my_rows].to(device), torch.from_numpy(my_local).to(device), len(mine),
-                                   counts[my_bags].to(device),
-                                   None if targets is None else targets[my_bags].to(device), scale)
-                    parts = {"total": loss}
-                if not torch.isfinite(loss):
-                    bad = {k: float(v.detach()) for k, v in parts.items()}
-                    raise FloatingPointError(
-                        f"non-finite training loss at epoch {epoch} ({bad}); check the inputs for NaN/inf "
-                        "or lower the learning rate"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip)
-                opt.step()
-                loss_sum += loss.detach().double().cpu()
-                n_steps += 1
-            if n_proc > 1:
-                import torch.distributed as dist
+    def reduce_loss(loss_sum: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
 
-                # sum over processes of the scaled losses = N x the global-batch loss
-                # (the unscaled template term is counted N times, hence the division)
-                dist.all_reduce(loss_sum)
-                loss_sum /= n_proc
-            sched.step()
-            record = {"epoch": epoch, "train_loss": float(loss_sum) / max(n_steps, 1)}
-            if val is not None:
-                record.update(_val_metrics(module, val, config, device, rank, n_proc))
-            result.history.append(record)
-            result.epochs_run = epoch + 1
-            stop = stopper.step(epoch, record, module)
-            if bar is not None:
-                bar.update(1)
-                shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("train_loss", "val_loss", "val_pcc")}
-                bar.set_postfix(shown)
-            if stop:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-    if stopper.restore(module):
-        result.best_epoch, result.best_score = stopper.best_epoch, stopper.best_score
-    else:
-        result.best_epoch = result.epochs_run - 1
-    result.seconds = time.perf_counter() - t0
-    return result
+        # sum over processes of the scaled losses = N x the global-batch loss
+        # (the unscaled template term is counted N times, hence the division)
+        dist.all_reduce(loss_sum)
+        return loss_sum / n_proc
+
+    validate = None if val is None else (lambda: _val_metrics(module, val, config, device, rank, n_proc))
+    return fit_epochs(module, train.n_bags, tc, step, validate,
+                      reduce_loss=reduce_loss if n_proc > 1 else None, show_progress=rank == 0)
