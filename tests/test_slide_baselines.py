@@ -278,3 +278,27 @@ def test_every_bag_model_trains_through_the_shared_loop(kind):
         fit = lambda: model.fit(bags, counts)  # noqa: E731
     with pytest.raises(FloatingPointError, match="non-finite training loss"):
         fit()
+
+
+def test_streamed_bag_with_an_active_residual_head_equals_predict():
+    # a spot model with a residual head predicting a slide: every tile is corrected, the bag
+    # is the mean of the corrected tiles, streamed or in memory
+    from cpnn.workflows.wsi import predict_bag_streaming
+
+    model, bags = _tiny_cpnn()
+    w = np.random.default_rng(3).normal(size=(bags[0].shape[1], model.n_genes)) * 0.3
+
+    class _Residual:  # stands in for a fitted ResidualHead: a fixed map of the scaled features
+        active = True
+
+        @staticmethod
+        def predict(x):
+            return np.tanh(np.asarray(x, np.float64) @ w)
+
+    model.residual = _Residual()
+    big = np.concatenate(bags)
+    whole = model.predict(big, bags=[0, len(big)])
+    assert not np.allclose(whole["bag_expr"], whole["bag_expr_mixture"])
+    streamed = predict_bag_streaming(model, (big[s:s + 29] for s in range(0, len(big), 29)))
+    np.testing.assert_allclose(streamed["bag_expr"], whole["bag_expr"][0], rtol=1e-5)
+    np.testing.assert_allclose(streamed["bag_weights"], whole["bag_weights"][0], rtol=1e-5)
