@@ -302,3 +302,14 @@ def test_streamed_bag_with_an_active_residual_head_equals_predict():
     streamed = predict_bag_streaming(model, (big[s:s + 29] for s in range(0, len(big), 29)))
     np.testing.assert_allclose(streamed["bag_expr"], whole["bag_expr"][0], rtol=1e-5)
     np.testing.assert_allclose(streamed["bag_weights"], whole["bag_weights"][0], rtol=1e-5)
+
+
+def test_the_mlp_probe_trains_through_the_shared_loop_too():
+    from cpnn.model.probes import MLPRegressor
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5)).astype(np.float32)
+    y = (x @ rng.normal(size=(5, 4))).astype(np.float32)
+    MLPRegressor(hidden=8, max_epochs=3).fit(x, y)  # trains
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        MLPRegressor(hidden=8, max_epochs=3, lr=float("inf")).fit(x, y)

@@ -1,5 +1,5 @@
-"""The epoch loop every bag model trains with (CPNN on one or many processes, the slide
-baselines): seeded batch order, the caller's loss per batch, a finite-loss check, gradient
+"""The epoch loop every model trains with (CPNN on one or many processes, the slide
+baselines, the MLP probe): seeded batch order, the caller's loss per batch, a finite-loss check, gradient
 clipping, AdamW, StepLR, validation, early stopping with the best weights restored, and a
 progress bar. Only the loss of a batch and the validation metrics differ between models.
 """
@@ -40,6 +40,7 @@ def fit_epochs(
     validate: Optional[Callable[[], Dict[str, float]]] = None,
     reduce_loss: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     show_progress: bool = True,
+    rng: Optional[np.random.Generator] = None,
 ) -> TrainResult:
     """Train ``module`` in place for up to ``max_epochs`` epochs; restore the best weights.
 
@@ -64,13 +65,16 @@ def fit_epochs(
         Applied to the epoch's summed training loss (e.g. an all-reduce across processes).
     show_progress
         False hides the bar even when ``train_config.progress`` asks for it (other ranks).
+    rng
+        The generator of the batch order (default: a new one from ``train_config.seed``),
+        for a caller that drew from it already (e.g. its validation carve).
 
     Returns
     -------
     TrainResult
     """
     tc = train_config
-    rng = np.random.default_rng(tc.seed)
+    rng = np.random.default_rng(tc.seed) if rng is None else rng
     opt = torch.optim.AdamW(module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma)
     criterion = tc.early_stopping if validate is not None else "none"
