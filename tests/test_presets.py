@@ -43,8 +43,9 @@ def test_entry_points_keep_their_values():
     cfg, tc = cpnn_configs({}, seed=0)
     assert config_to_dict(cfg) == spot_model
     assert {**config_to_dict(tc), "progress": True} == {**spot_train, "progress": True}
-    cfg, tc = cpnn_configs({"preset": "paper"}, seed=0)
-    assert cfg == CPNNConfig() and tc.early_stopping == "val_loss"
+    cfg, tc = cpnn_configs({"preset": "paper"}, seed=0)  # the paper's spot head and stopping rule
+    assert cfg == CPNNConfig(normalise_prototypes=True, gene_factors=False) and tc.early_stopping == "val_loss"
+    assert get_preset("paper_slide").model == CPNNConfig()
     demo = demo_settings()
     assert CPNNConfig(**demo["spot_model"]) == CPNNConfig(hidden=(256,), dropout=0.1, loss="nb",
                                                           composition_weight=1e2, template_weight=1e3)

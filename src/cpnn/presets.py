@@ -100,14 +100,14 @@ PRESETS: Dict[str, Preset] = {
                  "(slide level), early stopping on validation Pearson",
         CPNNConfig(), TrainConfig()),
     "paper": Preset(
-        "paper", "the paper's settings: MLP D-1024-512-K, exp(T) with gene factors, NB loss, "
-                 "composition and template weights 1e3, AdamW 1e-3, batch 8, 4,096 patches per bag, "
-                 "early stopping on the validation loss (patience 30)",
-        CPNNConfig(), TrainConfig(early_stopping="val_loss")),
-    "paper_spot": Preset(
-        "paper_spot", "the paper's spot head: p_i @ softmax_genes(T) without gene factors, "
-                      "its loss and stopping rule (validation loss)",
+        "paper", "the paper's spot-level settings (config.py's docstrings): MLP D-1024-512-K, its spot head "
+                 "p_i @ softmax_genes(T) without the gene factors a, b, NB loss, composition and template "
+                 "weights 1e3, AdamW 1e-3, early stopping on the validation loss (patience 30)",
         CPNNConfig(normalise_prototypes=True, gene_factors=False), TrainConfig(early_stopping="val_loss")),
+    "paper_slide": Preset(
+        "paper_slide", "the paper's slide-level settings: exp(T) with gene factors a, b, NB loss, batches of "
+                       "8 slides, 4,096 patches per slide, early stopping on the validation loss",
+        CPNNConfig(), TrainConfig(early_stopping="val_loss")),
     "spot": Preset(
         "spot", "cpnn fit (spot level) and cpnn benchmark's `preset: package`: chosen on the HER2ST "
                 "sections BENCHMARKS.md reports (not held out from that choice) and the synthetic cohort",

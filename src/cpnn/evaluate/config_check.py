@@ -15,8 +15,9 @@ SECTION_KEYS = {
     "evaluation": ("min_counts", "figures", "map_genes"),
 }
 
-#: Keys every method entry may have, whatever its kind.
-METHOD_KEYS = ("name", "kind", "candidates")
+#: Keys every method entry may have, whatever its kind (``features``: the feature variant,
+#: read by the harness; it may also be a candidate).
+METHOD_KEYS = ("name", "kind", "candidates", "features")
 
 
 def _refuse(unknown: Iterable[str], valid: Iterable[str], where: str, path=None) -> None:
@@ -61,7 +62,7 @@ def check_benchmark_keys(cfg: Dict[str, Any], top_level: Iterable[str], path=Non
         _refuse(set(m) - set(METHOD_KEYS) - set(valid), (*METHOD_KEYS, *valid), where, path)
         cands = m.get("candidates")
         if isinstance(cands, dict):
-            _refuse(set(cands) - set(valid), valid, f"{where}.candidates", path)
+            _refuse(set(cands) - set(valid) - {"features"}, (*valid, "features"), f"{where}.candidates", path)
         if m.get("kind") == "cpnn":  # its model:/train: dicts and values, resolved as the run will
             from .methods import cpnn_configs
 

@@ -125,9 +125,10 @@ def cpnn_configs(options: Dict[str, Any], seed: int, progress: bool = False):
     """(CPNNConfig, TrainConfig) of a ``cpnn`` method entry.
 
     ``preset`` names a :mod:`cpnn.presets` preset: ``package`` (default; = ``spot``,
-    ``cpnn fit``'s spot settings), ``paper`` (the paper's settings, early stopping on the
-    validation loss) or any other. ``model:``/``train:`` dicts and the shortcuts ``loss``,
-    ``gene_factors``, ``learn_prototypes`` ... override them.
+    ``cpnn fit``'s spot settings), ``paper`` (the paper's spot-level settings: its network
+    and NB loss, its spot head ``p_i @ softmax_genes(T)`` without the platform factors, early
+    stopping on the validation loss) or any other. ``model:``/``train:`` dicts and the
+    shortcuts ``loss``, ``gene_factors``, ``learn_prototypes`` ... override them.
     """
     from ..presets import get_preset, preset_names
 

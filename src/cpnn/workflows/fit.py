@@ -22,8 +22,7 @@ from .spatial import FeatureSpec, SpatialSample, attach_features, fit_spot_model
 #: Top-level keys of a ``cpnn fit --config`` YAML, and the keys of its sections.
 CONFIG_KEYS = {
     "preset": None, "prototypes": ("label", "batch", "method"), "genes": None, "n_top_genes": None,
-    "level": None, "seed": None, "features": ("encoder", "patch_um", "out_px", "tta", "batch_size",
-                                              "context_rings", "subpatch_grid"),
+    "level": None, "seed": None, "features": (),  # the fields of FeatureSpec
     "model": None, "train": None, "pseudobulk": ("block_spots", "min_spots"),
 }
 
@@ -47,8 +46,9 @@ def check_config_keys(cfg: Dict[str, Any], path=None) -> None:
             continue
         if not isinstance(value, dict):
             raise CPNNInputError(f"'{section}' must be a mapping", path=path, field=section)
-        if section in ("model", "train"):
-            valid = sorted(f.name for f in dataclasses.fields(CPNNConfig if section == "model" else TrainConfig))
+        if section in ("model", "train", "features"):
+            cls = {"model": CPNNConfig, "train": TrainConfig, "features": FeatureSpec}[section]
+            valid = sorted(f.name for f in dataclasses.fields(cls))
         else:
             valid = sorted(keys)
         bad = sorted(set(value) - set(valid))
@@ -117,7 +117,9 @@ class FitOptions:
         opts.seed = args.seed if args.seed is not None else cfg.get("seed", opts.seed)
         feat = dict(cfg.get("features", {}))
         for key, flag in (("encoder", "encoder"), ("patch_um", "patch_um"), ("tta", "tta"),
-                          ("context_rings", "context_rings"), ("subpatch_grid", "subpatch_grid")):
+                          ("context_rings", "context_rings"), ("subpatch_grid", "subpatch_grid"),
+                          ("slide_standardise", "slide_standardise"), ("nuclei", "nuclei"),
+                          ("stain_norm", "stain_norm")):
             if getattr(args, flag, None) is not None:
                 feat[key] = getattr(args, flag)
         opts.features = dataclasses.replace(opts.features, **feat)
@@ -267,7 +269,8 @@ def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_
         "best": best,
         "residual_head": None if model.residual is None else {
             "active": bool(model.residual.active), "alpha": model.residual.alpha_,
-            "inner_cv_pearson": model.residual.cv_scores_},
+            "inner_cv_pearson": model.residual.cv_scores_,
+            "out_of_fold_fraction": model.residual.oof_fraction_},
         "history": hist,
         "seconds": {"prototypes": round(t_protos, 1), "features": round(t_feats, 1),
                     "total": round(time.perf_counter() - t0, 1)},
