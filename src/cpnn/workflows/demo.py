@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import __version__
 from .._constants import SPATIAL, TRUE_PROPORTIONS
-from .._numerics import composition_log1p
+from .._numerics import composition_log1p, pearson, pearson_columns
 from ..config import CPNNConfig, TrainConfig
 from ..utils import seed_everything, write_json
 
@@ -224,9 +224,8 @@ def _reorder_types(protos, names):
 
 
 def _row_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(1, keepdims=True)
-    b = b - b.mean(1, keepdims=True)
-    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    """Pearson of each row of ``a`` with the same row of ``b``."""
+    return pearson_columns(np.asarray(a, np.float64).T, np.asarray(b, np.float64).T)
 
 
 def _figures(out: Path, cohort, slide, model, feats, genes, gidx, k_names) -> Dict[str, str]:
@@ -245,7 +244,7 @@ def _figures(out: Path, cohort, slide, model, feats, genes, gidx, k_names) -> Di
     predicted = composition_log1p(pred["spot_expr"])
     # the gene with the largest spread in the measured data is the most informative to show
     g = int(np.argmax(measured.std(0)))
-    r = float(np.corrcoef(measured[:, g], predicted[:, g])[0, 1])
+    r = pearson(measured[:, g], predicted[:, g])
     gene_panel(out / "gene_map.png", xy, [measured[:, g], predicted[:, g]],
                [f"{genes[g]} measured", f"{genes[g]} predicted (CPNN, r = {r:.2f})"], diameter_px, image=slide.image,
                mpp=cohort.mpp, suptitle=f"Held-out slide {slide.slide_id}: one colour scale for both maps "
