@@ -27,7 +27,7 @@ from cpnn.evaluate.benchmark import HER2ST_MAJOR_MAPPING
 from cpnn.model.cpnn_model import per_observation
 from cpnn.plot.spatial import composition_panel
 from cpnn.utils import write_json
-from cpnn.workflows.fit import SPOT_MODEL_DEFAULTS, SPOT_TRAIN_DEFAULTS
+from cpnn.presets import get_preset
 from cpnn.workflows.spatial import FeatureSpec, fit_spot_model
 
 from _her2st import SECTIONS, load_sections, panel_prototypes
@@ -63,7 +63,8 @@ def main() -> None:
     data, samples = load_sections(args.data_dir, args.feature_cache or out / "features", args.tta, 1.0,
                                   args.subpatch_grid)
     protos = panel_prototypes(data, samples, "celltype_major", args.prototypes)
-    model_cfg, train_cfg = dict(SPOT_MODEL_DEFAULTS), {**SPOT_TRAIN_DEFAULTS, "progress": False}
+    spot = get_preset("spot")
+    model_cfg, train_cfg = spot.model_options(), {**spot.train_options(), "progress": False}
     for item in args.set:
         key, value = item.split("=", 1)
         target = model_cfg if key in model_cfg or key in CPNNConfig.__dataclass_fields__ else train_cfg

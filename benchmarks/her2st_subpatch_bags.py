@@ -11,7 +11,7 @@ neighbour-context ring:
 - ``ridge_112+sub``: the probe on [112 um feature, mean sub-patch feature];
 - ``cpnn_sub_bag``: CPNN (package defaults, ``celltype_subset`` regression prototypes) with
   each spot a bag of its sub-patches: one cell-type mixture per sub-patch, the spot's
-  expression the mean of theirs (METHOD.md's bag head, used at spot level).
+  expression the mean of theirs (the method's bag head, docs/ARCHITECTURE.md §3, used at spot level).
 
     python benchmarks/her2st_subpatch_bags.py --data-dir ../shared/data --cache /tmp/subpatch \
         --features-112 /tmp/her2st_none --json subpatch.json
@@ -53,7 +53,9 @@ def main() -> None:
     from cpnn.evaluate import expression_metrics, to_log1p_cp10k
     from cpnn.model import CPNN
     from cpnn.model.probes import RidgeProbe
-    from cpnn.workflows.fit import SPOT_MODEL_DEFAULTS, SPOT_TRAIN_DEFAULTS
+    from cpnn.presets import get_preset
+
+    spot = get_preset("spot")
 
     t_start = time.perf_counter()
     cache = Path(args.cache)
@@ -85,8 +87,8 @@ def main() -> None:
             row[name] = expression_metrics(probe.predict(x_te), truth)["scc_mean"]
         for name, bags_tr, bags_te in [("cpnn_112", list(f112[:, None]), list(t112[:, None])),
                                        ("cpnn_sub_bag", list(fsub), list(tsub))]:
-            model = CPNN(protos, CPNNConfig(**SPOT_MODEL_DEFAULTS),
-                         TrainConfig(**{**SPOT_TRAIN_DEFAULTS, "progress": False}))
+            model = CPNN(protos, spot.model, TrainConfig(**{**spot.train_options(), "progress": False}),
+                         preset="spot")
             model.fit(bags_tr, y_tr[keep], groups=groups)
             pred = model.predict(bags_te)["bag_expr"].astype(np.float64)
             row[name] = expression_metrics(np.log1p(pred * 1e4), truth)["scc_mean"]

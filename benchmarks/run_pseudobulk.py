@@ -105,7 +105,10 @@ def main(argv=None) -> int:
     from cpnn.model.slide_baselines import BASELINE_NAMES, SlideBaseline, log1p_cp10k
     from cpnn.prototypes import Prototypes, build_prototypes, read_reference
     from cpnn.utils import find_data_dir, seed_everything
-    from cpnn.workflows.fit import FitOptions, SPOT_TRAIN_DEFAULTS
+    from cpnn.presets import get_preset
+    from cpnn.workflows.fit import FitOptions
+
+    SPOT_TRAIN_DEFAULTS = get_preset("spot").train_options()
     from cpnn.workflows.pseudobulk import fit_bulk_model, region_bags
     from cpnn.workflows.spatial import counts_matrix, fit_spot_model
 

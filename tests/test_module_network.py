@@ -21,7 +21,7 @@ def test_forward_matches_reference_computation():
         m.gene_offset.fill_(math.log(1e-3))
     x = torch.randn(6, 5)
     bag = torch.tensor([0, 0, 1, 2, 2, 2])
-    out = m(x, bag, n_bags=3)
+    out = m(x, bag, n_bags=3, patch_outputs=True)
     # reference: written out with numpy from the module's own parameters
     p = torch.softmax(m.mlp(x), 1).detach().numpy()
     t = np.exp(log_t0.numpy())
@@ -101,3 +101,48 @@ def test_config_rejects_unknown_options():
         CPNNConfig(loss="huber")
     with pytest.raises(ValueError, match="unknown CPNNConfig option"):
         config_from_dict(CPNNConfig, {"hiden": [3]})
+
+
+def _old_per_patch_forward(m, x, bag, n_bags):
+    """The head as it was before issue 15: every patch's expression, then the bag mean."""
+    weights = m.weights(x)
+    patch_expr = m._apply_gene_factors(weights @ m.prototype_expression())
+    bag_raw = segment_mean(patch_expr, bag, n_bags)
+    return bag_raw / bag_raw.sum(dim=1, keepdim=True).clamp_min(1e-30), segment_mean(weights, bag, n_bags)
+
+
+@pytest.mark.parametrize("cfg", [CPNNConfig(hidden=(16,)), CPNNConfig(hidden=(8,), gene_factors=False),
+                                 CPNNConfig(hidden=(), normalise_prototypes=True, learn_prototypes=True)])
+def test_bag_forward_from_mean_weights_equals_per_patch_arithmetic(cfg):
+    # the bag head is linear in the weights: the training forward never builds patches x genes,
+    # yet gives the old per-patch numbers, and the same gradients
+    m, _ = _module(cfg, k=6, g=50, d=12, seed=3)
+    if cfg.gene_factors:
+        with torch.no_grad():
+            m.gene_offset.normal_(-4.0, 1.0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 12, generator=gen)
+    bag = torch.randint(0, 7, (300,), generator=gen)
+    out = m(x, bag, n_bags=7)
+    assert "spot_expr" not in out
+    ref_expr, ref_w = _old_per_patch_forward(m, x, bag, 7)
+    torch.testing.assert_close(out["bag_expr"], ref_expr, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(out["bag_weights"], ref_w, rtol=1e-5, atol=1e-9)
+    counts = torch.poisson(torch.full((7, 50), 5.0, dtype=torch.float32), generator=gen)
+    grads = []
+    for pred in (out["bag_expr"], ref_expr):
+        m.zero_grad()
+        losses.nb_nll(pred, counts, m.log_theta).backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_one_patch_bags_are_bit_identical_to_spots():
+    # spot-level training (every spot a bag of one patch) keeps its exact numbers
+    m, _ = _module(CPNNConfig(hidden=(8,)), k=4, g=30, d=5)
+    x = torch.randn(9, 5)
+    spot = m(x)
+    bag = m(x, torch.arange(9), n_bags=9, patch_outputs=True)
+    assert torch.equal(spot["bag_expr"], bag["bag_expr"]) and torch.equal(spot["spot_expr"], bag["spot_expr"])
+    assert torch.equal(bag["spot_expr"], bag["bag_expr"])

@@ -11,7 +11,7 @@ from scipy.stats import nbinom
 
 from cpnn.errors import CPNNInputError
 from cpnn.prototypes import Prototypes, build_prototypes, read_reference, reference_qc
-from cpnn.prototypes._nb import nb_log_prob
+from cpnn._numerics import nb_log_prob
 from cpnn.prototypes.regression import _Problem
 
 

@@ -148,6 +148,61 @@ def test_streaming_bag_prediction_equals_in_memory():
     np.testing.assert_allclose(streamed["bag_weights"], whole["bag_weights"][0], rtol=1e-5)
 
 
+def _numpy_bag_reference(model, bag):
+    """The ensemble's bag prediction written out in numpy from each member's parameters."""
+    x = model.scaler.transform(bag).astype(np.float64)
+    exprs, weights = [], []
+    for m in model.modules:
+        h = x
+        layers = [layer for layer in m.mlp if isinstance(layer, torch.nn.Linear)]
+        for i, layer in enumerate(layers):
+            h = h @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
+            if i < len(layers) - 1:  # GELU (exact, erf form)
+                from scipy.special import erf
+
+                h = 0.5 * h * (1.0 + erf(h / np.sqrt(2.0)))
+        p = np.exp(h - h.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        t = np.exp(m.log_prototypes.detach().double().numpy())
+        a, b = m.gene_scale.detach().double().numpy(), m.gene_offset.detach().double().numpy()
+        e = (np.exp(a) * (p @ t) + np.exp(b)).mean(0)  # mean over tiles of per-tile expression
+        exprs.append(e / e.sum())
+        weights.append(p.mean(0))
+    return np.mean(exprs, 0), np.mean(weights, 0)
+
+
+def test_streamed_ensemble_equals_predict_and_numpy_reference():
+    # issue 15: the streamed slide prediction once used only the first of 4 members
+    from cpnn.model import CPNN
+    from cpnn.workflows.wsi import predict_bag_streaming
+
+    bags, counts, t = planted_bags(16, seed=7)
+    model = CPNN(_Protos(t * 100), CPNNConfig(hidden=(16,)),
+                 TrainConfig(max_epochs=2, batch_size=4, n_models=4, progress=False, early_stopping="none"))
+    model.fit(bags, counts, composition_targets=None)
+    assert len(model.modules) == 4
+    big = np.concatenate(bags)
+    whole = model.predict(big, bags=[0, len(big)], chunk_patches=50)
+    streamed = predict_bag_streaming(model, (big[s:s + 37] for s in range(0, len(big), 37)))
+    ref_expr, ref_w = _numpy_bag_reference(model, big)
+    np.testing.assert_allclose(streamed["bag_expr"], whole["bag_expr"][0], rtol=1e-5)
+    np.testing.assert_allclose(streamed["bag_weights"], whole["bag_weights"][0], rtol=1e-5)
+    np.testing.assert_allclose(whole["bag_expr"][0], ref_expr, rtol=1e-4)
+    np.testing.assert_allclose(streamed["bag_expr"], ref_expr, rtol=1e-4)
+    np.testing.assert_allclose(streamed["bag_weights"], ref_w, rtol=1e-4, atol=1e-7)
+    # the members differ, so a first-member-only prediction would not pass the above
+    first = predict_bag_streaming(_first_member(model), iter([big]))
+    assert np.abs(first["bag_expr"] - ref_expr).max() > 1e-4 * np.abs(ref_expr).max()
+
+
+def _first_member(model):
+    import copy
+
+    one = copy.copy(model)
+    one.modules = model.modules[:1]
+    return one
+
+
 def test_bag_subsampling_happens_only_in_training():
     rng = np.random.default_rng(0)
     data = BagData.from_bags([rng.normal(size=(n, 3)).astype(np.float32) for n in (50, 5, 20)])
@@ -204,3 +259,57 @@ def test_baseline_save_load_predicts_identically(kind, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(CPNNInputError, match="junk.pt"):
         SlideBaseline.load(tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("kind", ["meanpool_mlp", "cpnn"])
+def test_every_bag_model_trains_through_the_shared_loop(kind):
+    # issue 15: the slide baselines train with CPNN's epoch loop (cpnn.train.trainer.fit_epochs),
+    # so they inherit its checks, e.g. a diverging run stops with a clear error instead of
+    # finishing on NaN weights
+    bags, counts, t = planted_bags(12, seed=2)
+    tc = TrainConfig(max_epochs=3, batch_size=4, lr=float("inf"), progress=False, early_stopping="none")
+    if kind == "cpnn":
+        from cpnn.model import CPNN
+
+        model = CPNN(_Protos(t * 100), CPNNConfig(hidden=(8,)), tc)
+        fit = lambda: model.fit(bags, counts, composition_targets=None)  # noqa: E731
+    else:
+        model = SlideBaseline(kind, [f"g{j}" for j in range(counts.shape[1])], tc)
+        fit = lambda: model.fit(bags, counts)  # noqa: E731
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        fit()
+
+
+def test_streamed_bag_with_an_active_residual_head_equals_predict():
+    # a spot model with a residual head predicting a slide: every tile is corrected, the bag
+    # is the mean of the corrected tiles, streamed or in memory
+    from cpnn.workflows.wsi import predict_bag_streaming
+
+    model, bags = _tiny_cpnn()
+    w = np.random.default_rng(3).normal(size=(bags[0].shape[1], model.n_genes)) * 0.3
+
+    class _Residual:  # stands in for a fitted ResidualHead: a fixed map of the scaled features
+        active = True
+
+        @staticmethod
+        def predict(x):
+            return np.tanh(np.asarray(x, np.float64) @ w)
+
+    model.residual = _Residual()
+    big = np.concatenate(bags)
+    whole = model.predict(big, bags=[0, len(big)])
+    assert not np.allclose(whole["bag_expr"], whole["bag_expr_mixture"])
+    streamed = predict_bag_streaming(model, (big[s:s + 29] for s in range(0, len(big), 29)))
+    np.testing.assert_allclose(streamed["bag_expr"], whole["bag_expr"][0], rtol=1e-5)
+    np.testing.assert_allclose(streamed["bag_weights"], whole["bag_weights"][0], rtol=1e-5)
+
+
+def test_the_mlp_probe_trains_through_the_shared_loop_too():
+    from cpnn.model.probes import MLPRegressor
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5)).astype(np.float32)
+    y = (x @ rng.normal(size=(5, 4))).astype(np.float32)
+    MLPRegressor(hidden=8, max_epochs=3).fit(x, y)  # trains
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        MLPRegressor(hidden=8, max_epochs=3, lr=float("inf")).fit(x, y)

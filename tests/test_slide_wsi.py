@@ -109,6 +109,25 @@ def test_cli_predict_slide(tiny_model, tmp_path, capsys):
     assert "--mpp" in capsys.readouterr().err
 
 
+def test_predict_slide_is_a_deprecated_alias_of_predict_with_slide(tiny_model, tmp_path, capsys):
+    # one command per job: `predict --slide` takes every option `predict-slide` had
+    import anndata as ad
+
+    from cpnn.cli import main
+
+    _, model_path = tiny_model
+    slide = tissue_png(tmp_path / "blob.png")
+    common = ["--slide", str(slide), "--mpp", "1.0", "--tile-px", "224", "--target-mpp", "2.0", "--min-tissue",
+              "0.2", "--no-progress"]
+    assert main(["predict", str(model_path), *common, "--out", str(tmp_path / "a.h5ad")]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert main(["predict-slide", str(model_path), *common, "--out", str(tmp_path / "b.h5ad")]) == 0
+    assert "`cpnn predict-slide` is deprecated" in capsys.readouterr().err
+    a, b = ad.read_h5ad(tmp_path / "a.h5ad"), ad.read_h5ad(tmp_path / "b.h5ad")
+    assert a.n_obs > 0 and a.uns["cpnn"]["tile_px"] == 224
+    np.testing.assert_array_equal(a.X, b.X)
+
+
 def test_real_svs_tiling_extraction_and_errors(data_dir, tmp_path, tiny_model):
     from cpnn.cli import main
     from cpnn.workflows.wsi import predict_slide, slide_features

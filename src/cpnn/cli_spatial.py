@@ -60,7 +60,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from .workflows.fit import FitOptions, run_fit
 
     cfg = load_yaml(args.config)
-    opts = FitOptions.from_sources(cfg, args)
+    opts = FitOptions.from_sources(cfg, args, path=args.config)
     samples = _inputs(args, require_image=args.features is None)
     run_fit(samples, opts, Path(args.out), features_dir=args.features, progress=not args.no_progress)
     return 0
@@ -71,14 +71,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     warn_ignored_predict_flags(args)
     if args.slide:  # whole slide: every tissue tile, and the slide's bulk profile
-        from .workflows.wsi import predict_slide
+        from .cli_slide import predict_slide_command
 
-        from .cli_slide import wrote_slide_line
-
-        a = predict_slide(Path(args.run), args.slide, mpp=args.mpp, out=Path(args.out), progress=not args.no_progress,
-                          features_dir=args.features or Path(args.out).parent / "features")
-        print(wrote_slide_line(a, args.out), flush=True)
-        return 0
+        return predict_slide_command(args, args.features)
     from .workflows.fit import run_predict
 
     samples = _inputs(args, require_image=args.features is None)
@@ -122,6 +117,9 @@ def register(sub) -> None:
     p.add_argument("--slide", default=None,
                    help="a whole-slide image instead of spots: per-tile maps and the slide's bulk profile")
     add_input_args(p)
+    from .cli_slide import slide_tile_args
+
+    slide_tile_args(p.add_argument_group("with --slide (tiles default to the model's patch)"))
     p.add_argument("--out", required=True, help="output .h5ad (one sample) or folder (several)")
     p.add_argument("--no-progress", action="store_true", help="no stage lines or progress bars")
     p.set_defaults(func=_cmd_predict)

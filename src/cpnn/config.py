@@ -1,7 +1,7 @@
 """Typed configuration of the CPNN network and of its training.
 
 The reference code switched behaviour on substrings of a version name; here every
-variant of METHOD.md is a named, typed option, validated on construction, and the whole
+variant of the method (docs/ARCHITECTURE.md, "The method as implemented") is a named, typed option, validated on construction, and the whole
 resolved configuration is written beside every run.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ class CPNNConfig:
     composition_balance
         Weight each type's term of the composition loss by the inverse of its target
         variance over the training bags (weights normalised to mean 1), so that rare
-        types (B cells, endothelium) count as much as abundant ones; False is METHOD.md's
+        types (B cells, endothelium) count as much as abundant ones; False is the paper's
         plain mean over types.
     input_pca
         Project the scaled features on their first ``input_pca`` principal components
@@ -92,7 +92,7 @@ class CPNNConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings (METHOD.md §5 defaults unless stated).
+    """Optimisation settings (the paper's unless stated; method §5 in docs/ARCHITECTURE.md).
 
     Parameters
     ----------

@@ -83,6 +83,9 @@ def resolve_config(cfg: Dict[str, Any], data_dir: Optional[str] = None) -> Dict[
         found = find_data_dir()
         if found is not None:
             os.environ["CPNN_DATA_DIR"] = str(found.resolve())
+    from .config_check import check_benchmark_keys
+
+    check_benchmark_keys(cfg or {}, [*DEFAULTS, "data"])
     out = copy.deepcopy(DEFAULTS)
     for key, value in (cfg or {}).items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
@@ -145,6 +148,9 @@ def load_config(path, data_dir: Optional[str] = None) -> Dict[str, Any]:
         raise CPNNInputError(f"invalid YAML: {exc}", path=path) from exc
     if not isinstance(cfg, dict):
         raise CPNNInputError("a benchmark config must be a mapping", path=path)
+    from .config_check import check_benchmark_keys
+
+    check_benchmark_keys(cfg, [*DEFAULTS, "data"], path)  # again here, to name the file
     return resolve_config(cfg, data_dir)
 
 

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .._numerics import log1p_cp10k
 from ..errors import CPNNInputError
 
 GENE_SET_KINDS = ("list", "top_expressed", "top_variable")
@@ -99,9 +100,7 @@ def kmeans_labels(reference, k: int, seed: int = 0, n_pcs: int = 30, n_hvg: int 
     X = reference.X
     X = X.toarray() if sparse.issparse(X) else np.asarray(X)
     X = np.asarray(X, dtype=np.float64)
-    lib = X.sum(1)
-    lib[lib == 0] = 1.0
-    L = np.log1p(X / lib[:, None] * 1e4)
+    L = log1p_cp10k(X)
     var = L.var(0)
     hv = np.argsort(-var, kind="stable")[: min(n_hvg, L.shape[1])]
     Z = L[:, hv] - L[:, hv].mean(0)

@@ -21,10 +21,12 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from .._numerics import composition_log1p
 from ..errors import CPNNInputError
 from .metrics import to_log1p_cp10k
 
 _METHODS: Dict[str, Callable[..., "MethodOutput"]] = {}
+_OPTIONS: Dict[str, Any] = {}
 
 
 @dataclass
@@ -77,14 +79,27 @@ class MethodOutput:
     info: Dict[str, Any] = field(default_factory=dict)
 
 
-def register_method(kind: str):
-    """Decorator registering ``fn(train, test, ctx, **options) -> MethodOutput`` as ``kind``."""
+def register_method(kind: str, options=None):
+    """Decorator registering ``fn(train, test, ctx, **options) -> MethodOutput`` as ``kind``.
+
+    ``options``: the option names a config may give this kind (a sequence, or a function
+    returning one, called when a config is checked); unknown options are then an error at
+    load. None: not checked.
+    """
 
     def deco(fn):
         _METHODS[kind] = fn
+        _OPTIONS[kind] = options
         return fn
 
     return deco
+
+
+def method_options(kind: str):
+    """The valid options of ``kind`` (a tuple), or None when the kind does not declare them."""
+    get_method(kind)
+    opts = _OPTIONS.get(kind)
+    return tuple(opts() if callable(opts) else opts) if opts is not None else None
 
 
 def get_method(kind: str):
@@ -106,45 +121,46 @@ CPNN_SHORTCUTS = ("loss", "gene_factors", "learn_prototypes", "normalise_prototy
                   "composition_balance", "residual_head")
 
 
-#: the paper's spot head (METHOD.md §3): each type a composition over genes, no platform factors
-PAPER_SPOT_MODEL = {"normalise_prototypes": True, "gene_factors": False}
-
-
 def cpnn_configs(options: Dict[str, Any], seed: int, progress: bool = False):
     """(CPNNConfig, TrainConfig) of a ``cpnn`` method entry.
 
-    ``preset: package`` (default) starts from ``cpnn fit``'s spot defaults
-    (:data:`cpnn.workflows.fit.SPOT_MODEL_DEFAULTS`, ``SPOT_TRAIN_DEFAULTS``);
-    ``preset: paper`` from the paper's spot-level settings: its network and NB loss (the
-    ``CPNNConfig``/``TrainConfig`` defaults), its spot head ``p_i @ softmax_genes(T)``
-    (``normalise_prototypes=True`` without the platform factors ``a, b``) and early
-    stopping on the validation loss. ``model:``/``train:`` dicts and the
+    ``preset`` names a :mod:`cpnn.presets` preset: ``package`` (default; = ``spot``,
+    ``cpnn fit``'s spot settings), ``paper`` (the paper's spot-level settings: its network
+    and NB loss, its spot head ``p_i @ softmax_genes(T)`` without the platform factors, early
+    stopping on the validation loss) or any other. ``model:``/``train:`` dicts and the
     shortcuts ``loss``, ``gene_factors``, ``learn_prototypes`` ... override them.
     """
-    from ..config import CPNNConfig, TrainConfig, config_from_dict
-    from ..workflows.fit import SPOT_MODEL_DEFAULTS, SPOT_TRAIN_DEFAULTS
+    from ..presets import get_preset, preset_names
 
-    preset = options.get("preset", "package")
-    if preset == "package":
-        model, train = dict(SPOT_MODEL_DEFAULTS), dict(SPOT_TRAIN_DEFAULTS)
-    elif preset == "paper":
-        model, train = dict(PAPER_SPOT_MODEL), {"early_stopping": "val_loss"}
-    else:
-        raise CPNNInputError(f"unknown cpnn preset {preset!r}", field="methods[].preset", fix="use package or paper")
-    model.update(options.get("model") or {})
+    name = options.get("preset", "package")
+    try:
+        preset = get_preset(name)
+    except ValueError:
+        raise CPNNInputError(f"unknown cpnn preset {name!r}", field="methods[].preset",
+                             fix=f"use package or one of {', '.join(preset_names())}") from None
+    model = dict(options.get("model") or {})
     for k in CPNN_SHORTCUTS:
         if k in options:
             model[k] = options[k]
-    train.update(options.get("train") or {})
+    train = dict(options.get("train") or {})
     train["seed"] = int(options.get("seed", seed))
     train["progress"] = progress
     try:
-        return config_from_dict(CPNNConfig, model), config_from_dict(TrainConfig, train)
+        return preset.configs(model, train)
     except ValueError as exc:
         raise CPNNInputError(str(exc), field="methods[].model/train") from exc
 
 
-@register_method("cpnn")
+def _mlp_options():
+    import inspect
+
+    from ..model.probes import MLPRegressor
+
+    return [p for p in inspect.signature(MLPRegressor.__init__).parameters if p != "self"]
+
+
+@register_method("cpnn", options=("preset", "label", "prototypes", "composition_targets", "deconvolution",
+                                  "train_genes", "model", "train", "seed", *CPNN_SHORTCUTS))
 def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options) -> MethodOutput:
     """CPNN at spot level. Options: ``preset``, ``label`` (reference column, or
     ``kmeans<k>``), ``prototypes`` (``regression``/``naive``), ``composition_targets``
@@ -173,6 +189,7 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
                                  fix="report this: candidate genes are restricted to reference genes beforehand")
         counts = np.concatenate([train.counts, train.more_counts[:, :len(extra)]], axis=1)
     model = CPNN(model_protos, cfg, tcfg, encoder=ctx.encoder)
+    model.preset = options.get("preset", "package")
     targets: Any = None
     mode = options.get("composition_targets", "deconvolve")
     if mode == "deconvolve":
@@ -198,7 +215,7 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
     scored = out["expression"][:, :n_scored].astype(np.float64)
     scored /= scored.sum(axis=1, keepdims=True)
     return MethodOutput(
-        expression=np.log1p(scored * 1e4),
+        expression=composition_log1p(scored),
         weights=out["weights"], cell_types=list(model.cell_types),
         info={"best_epoch": tr.best_epoch, "epochs_run": tr.epochs_run, "criterion": tr.criterion,
               "n_cell_types": len(model.cell_types), "n_model_genes": len(model.genes),
@@ -215,7 +232,7 @@ def spot_level(features: np.ndarray) -> np.ndarray:
     return features.mean(axis=1) if features.ndim == 3 else features
 
 
-@register_method("ridge")
+@register_method("ridge", options=("alphas", "n_components", "n_inner_folds", "seed"))
 def run_ridge(train: TrainData, test: TestData, ctx: MethodContext, /, **options) -> MethodOutput:
     """HEST-Benchmark probe (standardise, PCA, ridge) on log1p CP10k. Options:
     ``alphas`` (``cv`` inner CV grouped by training groups, ``hest`` the published
@@ -228,7 +245,7 @@ def run_ridge(train: TrainData, test: TestData, ctx: MethodContext, /, **options
     return MethodOutput(expression=probe.predict(spot_level(test.features)), info={"alpha": probe.alpha_})
 
 
-@register_method("mlp")
+@register_method("mlp", options=_mlp_options)
 def run_mlp(train: TrainData, test: TestData, ctx: MethodContext, /, **options) -> MethodOutput:
     """MLP regressor on log1p CP10k (:class:`cpnn.model.probes.MLPRegressor` options)."""
     from ..model.probes import MLPRegressor

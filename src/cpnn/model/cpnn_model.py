@@ -14,7 +14,8 @@ from ..errors import CPNNInputError
 from .files import read_model_file, write_model_file
 from .scaling import FeatureScaler
 
-FORMAT_VERSION = 1
+#: Version of the model file layout; 2 added ``preset``. Files of a newer version are refused.
+FORMAT_VERSION = 2
 
 
 def _dense_counts(counts, genes: Sequence[str], what: str = "counts") -> np.ndarray:
@@ -73,6 +74,10 @@ class CPNN:
     encoder
         Optional description of the features' origin (``name``, ``patch_um``, ``out_px``,
         ...); saved with the model and checked at prediction time.
+    preset
+        Name of the :mod:`cpnn.presets` preset that ``config`` / ``train_config`` start from
+        when they are not given (default ``"slide"``: the paper's network, early stopping on
+        validation Pearson); recorded in the model file.
 
     Examples
     --------
@@ -88,6 +93,7 @@ class CPNN:
         config: Optional[CPNNConfig] = None,
         train_config: Optional[TrainConfig] = None,
         encoder: Optional[Dict[str, Any]] = None,
+        preset: Optional[str] = None,
     ) -> None:
         values = np.asarray(prototypes.values, dtype=np.float64)
         if values.ndim != 2 or values.shape[0] != len(prototypes.cell_types) or values.shape[1] != len(prototypes.genes):
@@ -104,8 +110,15 @@ class CPNN:
         self.prototype_provenance = dict(getattr(prototypes, "provenance", {}) or {})
         self.prototype_provenance.setdefault("method", getattr(prototypes, "method", None))
         self.prototype_provenance.setdefault("label_key", getattr(prototypes, "label_key", None))
-        self.config = config or CPNNConfig()
-        self.train_config = train_config or TrainConfig()
+        from ..presets import get_preset
+
+        self.preset = preset or "slide"
+        try:
+            defaults = get_preset(self.preset)
+        except ValueError as exc:
+            raise CPNNInputError(str(exc), field="preset") from None
+        self.config = config or defaults.model
+        self.train_config = train_config or defaults.train
         self.encoder = dict(encoder or {})
         self.modules: list = []
         self.train_results: list = []
@@ -208,7 +221,7 @@ class CPNN:
             ``(B + 1,)`` offsets into ``features`` when it is one array of several bags.
         composition_targets
             ``"deconvolve"`` (default: deconvolve these training counts against the
-            prototypes, METHOD.md §2, and initialise ``a_g`` with the platform factor),
+            prototypes, method §2, docs/ARCHITECTURE.md, and initialise ``a_g`` with the platform factor),
             a ``(B, K)`` array, or None (no composition loss).
         groups
             Group (patient / section / slide) of each bag; the validation part for early
@@ -301,7 +314,7 @@ class CPNN:
         for validation (see :mod:`cpnn.model.residual`). Fitting it on the mixture's
         in-sample predictions would teach it the networks' training error, not what the
         mixture misses on new tissue, and make its keep/drop choice optimistic."""
-        from ..evaluate.metrics import to_log1p_cp10k
+        from .._numerics import composition_log1p, log1p_cp10k
         from .residual import ResidualHead
 
         rows = np.flatnonzero(oof_n > 0)
@@ -314,7 +327,7 @@ class CPNN:
         mix = oof_sum[rows] / oof_n[rows, None]
         head_groups = None if groups is None else np.asarray(groups)[rows]
         head = ResidualHead(seed=self.train_config.seed).fit(
-            data.bag_means()[rows], np.log1p(mix * 1e4), to_log1p_cp10k(counts[rows]), head_groups)
+            data.bag_means()[rows], composition_log1p(mix), log1p_cp10k(counts[rows]), head_groups)
         head.oof_fraction_ = float(len(rows) / data.n_bags)
         return head
 
@@ -401,13 +414,10 @@ class CPNN:
     def _ensemble_outputs(self, data, chunk_patches: int = 16384, return_patch_outputs: bool = True):
         """The mixture's outputs on scaled ``data``; members' compositions and weights are
         averaged (still compositions / simplices)."""
-        from ..train.loop import predict_bags
+        from ..module.network import predict_bag_outputs
 
-        outs = [predict_bags(m, data, chunk_patches=chunk_patches, device=self.train_config.device,
-                             return_patch_outputs=return_patch_outputs) for m in self.modules]
-        if len(outs) == 1:
-            return outs[0]
-        return {k: np.mean([o[k] for o in outs], axis=0).astype(np.float32) for k in outs[0]}
+        return predict_bag_outputs(self.modules, data.features, data.offsets, chunk_patches=chunk_patches,
+                                   device=self.train_config.device, return_patch_outputs=return_patch_outputs)
 
     def _apply_residual(self, out: Dict[str, np.ndarray], data, sub_patch_bags: bool) -> None:
         """Add the residual head's cell-state term (in place); the mixture-only
@@ -451,6 +461,7 @@ class CPNN:
             "format": "cpnn-model",
             "format_version": FORMAT_VERSION,
             "cpnn_version": __version__,
+            "preset": self.preset,
             "config": config_to_dict(self.config),
             "train_config": config_to_dict(self.train_config),
             "genes": self.genes,
@@ -491,6 +502,12 @@ class CPNN:
         """
         path = Path(path)
         payload = read_model_file(path, "cpnn-model", "cpnn model", "CPNN.save / cpnn fit")
+        version = payload.get("format_version")
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise CPNNInputError(
+                f"model file format version {version!r} is not one this cpnn {__version__} reads "
+                f"(1 to {FORMAT_VERSION})", path=path, field="format_version",
+                fix="load it with the cpnn version that wrote it (its 'cpnn_version' entry), or retrain")
         if genes is not None and list(genes) != payload["genes"]:
             _raise_gene_mismatch(path, payload["genes"], list(genes))
         check_encoder(payload.get("encoder") or {}, encoder, path)
@@ -503,6 +520,7 @@ class CPNN:
 
         model = cls(_P(), config_from_dict(CPNNConfig, payload["config"]),
                     config_from_dict(TrainConfig, payload["train_config"]), payload.get("encoder"))
+        model.preset = payload.get("preset")  # None in version-1 files (every option is recorded)
         lpf = payload.get("log_platform_factor")
         model.log_platform_factor = None if lpf is None else lpf.numpy()
         model.scaler = FeatureScaler.from_dict(payload["scaler"])
@@ -526,24 +544,25 @@ class CPNN:
 
 
 def _trainer():
-    """``train_cpnn``, or its DistributedDataParallel twin when ``torchrun`` started
-    several processes (``WORLD_SIZE > 1``): the same call then trains data-parallel, every
-    process ending with the same weights (see docs/DISTRIBUTED.md)."""
+    """``train_cpnn`` (the one loop); when ``torchrun`` started several processes
+    (``WORLD_SIZE > 1``) the process group is joined first, so that the same loop trains
+    data-parallel, every process ending with the same weights (see docs/DISTRIBUTED.md)."""
     from ..train.distributed import dist_env
-
-    if dist_env()[1] > 1:
-        from ..train.distributed import init_distributed, train_cpnn_distributed
-
-        _, _, device = init_distributed()
-        return lambda *args: train_cpnn_distributed(*args, device=device)
     from ..train.loop import train_cpnn
 
+    if dist_env()[1] > 1:
+        from ..train.distributed import init_distributed
+
+        _, _, device = init_distributed()
+        return lambda *args: train_cpnn(*args, device=device)
     return train_cpnn
 
 
 def _add_log_residual(composition: np.ndarray, residual: np.ndarray) -> np.ndarray:
     """``composition`` moved by ``residual`` on log1p CP10k, returned as a composition."""
-    log = np.log1p(np.asarray(composition, np.float64) * 1e4) + residual
+    from .._numerics import composition_log1p
+
+    log = composition_log1p(np.asarray(composition, np.float64)) + residual
     expr = np.clip(np.expm1(log), 0.0, None)
     return (expr / np.maximum(expr.sum(axis=1, keepdims=True), 1e-300)).astype(np.float32)
 

@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from .._numerics import mean_column_pearson
+
 DEFAULT_ALPHA_GRID = tuple(10.0 ** np.arange(-2, 9))
 
 
@@ -133,12 +135,7 @@ def inner_folds(n: int, groups: Optional[Sequence], n_folds: int, seed: int = 0)
     return folds
 
 
-def _mean_pearson(pred: np.ndarray, true: np.ndarray) -> float:
-    a = pred - pred.mean(0)
-    b = true - true.mean(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    ok = den > 1e-12
-    return float(((a * b).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
+_mean_pearson = mean_column_pearson  # the inner-CV score (also the residual head's)
 
 
 class MLPRegressor:
@@ -161,11 +158,11 @@ class MLPRegressor:
         self.val_fraction, self.seed = val_fraction, seed
 
     def fit(self, features: np.ndarray, targets: np.ndarray, groups: Optional[Sequence] = None) -> "MLPRegressor":
-        import copy
-
         import torch
         from torch import nn
 
+        from ..config import TrainConfig
+        from ..train.trainer import fit_epochs
         from .scaling import FeatureScaler
 
         rng = np.random.default_rng(self.seed)
@@ -186,27 +183,23 @@ class MLPRegressor:
         tr_idx, va_idx = np.nonzero(~val)[0], np.nonzero(val)[0]
         self.net_ = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(x.shape[1], self.hidden), nn.GELU(),
                                   nn.Dropout(self.dropout), nn.Linear(self.hidden, y.shape[1]))
-        opt = torch.optim.AdamW(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        best, best_state, since = -np.inf, None, 0
-        for _ in range(self.max_epochs):
-            self.net_.train()
-            order = rng.permutation(tr_idx)
-            for s in range(0, len(order), self.batch_size):
-                b = torch.from_numpy(order[s : s + self.batch_size])
-                loss = torch.mean((self.net_(x[b]) - y[b]) ** 2)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        # the bag models' epoch loop (cpnn.train.trainer), as this probe always trained:
+        # constant learning rate, no clipping, early stopping on validation Pearson
+        tc = TrainConfig(lr=self.lr, weight_decay=self.weight_decay, max_epochs=self.max_epochs,
+                         batch_size=self.batch_size, grad_clip=0.0, step_size=max(1, self.max_epochs), gamma=1.0,
+                         early_stopping="val_pcc", patience=self.patience, seed=self.seed, progress=False)
+
+        def step(batch: np.ndarray, _rng):
+            b = torch.from_numpy(tr_idx[batch])
+            loss = torch.mean((self.net_(x[b]) - y[b]) ** 2)
+            return loss, {"mse": loss}
+
+        def validate():
             self.net_.eval()
             with torch.no_grad():
-                score = _mean_pearson(self.net_(x[va_idx]).numpy(), y[va_idx].numpy())
-            if score > best:
-                best, best_state, since = score, copy.deepcopy(self.net_.state_dict()), 0
-            else:
-                since += 1
-                if since >= self.patience:
-                    break
-        self.net_.load_state_dict(best_state)
+                return {"val_pcc": _mean_pearson(self.net_(x[va_idx]).numpy(), y[va_idx].numpy())}
+
+        fit_epochs(self.net_, len(tr_idx), tc, step, validate, rng=rng)
         self.net_.eval()
         return self
 

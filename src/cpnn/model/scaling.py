@@ -74,19 +74,23 @@ class FeatureScaler:
 
     @classmethod
     def _fit_scaling(cls, features: np.ndarray, method: str, clip: float) -> "FeatureScaler":
-        x = np.asarray(features, dtype=np.float64)
-        d = x.shape[1]
+        d = features.shape[1]
         if method == "none":
             return cls(np.zeros(d), np.ones(d), clip=float("inf"))
-        if method == "robust":
-            q25, center, q75 = np.percentile(x, [25, 50, 75], axis=0)
-            scale = (q75 - q25) / 1.349
-            alt = x.std(axis=0)
-            scale = np.where(scale > 0, scale, alt)
-        elif method == "standard":
-            center, scale = x.mean(axis=0), x.std(axis=0)
-        else:
+        if method not in ("robust", "standard"):
             raise ValueError(f"unknown feature scaling {method!r}")
+        center, scale = np.empty(d), np.empty(d)
+        # a few columns at a time in float64: slide-level training data (bags x 4,096 tiles)
+        # would otherwise be copied whole, twice, just for column statistics
+        step = max(1, (1 << 22) // max(1, features.shape[0]))
+        for c in range(0, d, step):
+            x = np.asarray(features[:, c:c + step], dtype=np.float64)
+            if method == "robust":
+                q25, center[c:c + step], q75 = np.percentile(x, [25, 50, 75], axis=0)
+                iqr = (q75 - q25) / 1.349
+                scale[c:c + step] = np.where(iqr > 0, iqr, x.std(axis=0))
+            else:
+                center[c:c + step], scale[c:c + step] = x.mean(axis=0), x.std(axis=0)
         positive = scale[scale > 0]
         floor = 0.1 * float(np.median(positive)) if positive.size else 1.0
         scale = np.maximum(scale, floor)

@@ -11,15 +11,16 @@ log1p CP10k of the bag's counts (the scale every method is scored on).
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from .._numerics import log1p_cp10k as _log1p_cp10k
+from .._numerics import mean_column_pearson
 from ..config import TrainConfig
 from ..errors import CPNNInputError
-from ..train.early_stopping import EarlyStopping
+from ..train.trainer import fit_epochs
 from ..train.validation import carve_validation
 from .scaling import FeatureScaler
 
@@ -29,16 +30,10 @@ BASELINE_FORMAT = "cpnn-slide-baseline"
 
 def log1p_cp10k(counts: np.ndarray) -> np.ndarray:
     """``log1p(counts / row sum * 1e4)`` as float32 (rows with zero total stay zero)."""
-    x = np.asarray(counts, dtype=np.float64)
-    tot = x.sum(axis=1, keepdims=True)
-    return np.log1p(x / np.where(tot > 0, tot, 1.0) * 1e4).astype(np.float32)
+    return _log1p_cp10k(counts, dtype=np.float32)
 
 
-def mean_gene_pearson(pred: np.ndarray, true: np.ndarray) -> float:
-    """Mean over genes of Pearson across rows (genes constant on either side skipped)."""
-    from ..train.loop import mean_column_pearson
-
-    return mean_column_pearson(pred, true)
+mean_gene_pearson = mean_column_pearson  # mean over genes of Pearson across bags
 
 
 def _bags_from_list(bags) -> "Any":
@@ -145,44 +140,24 @@ class SlideBaseline:
         tc = self.train_config
         module = self._build(data.features.shape[1])
         module.set_output_bias(torch.from_numpy(train.counts.mean(0)))
-        rng = np.random.default_rng(tc.seed)
-        opt = torch.optim.AdamW(module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma)
         feats = torch.from_numpy(train.features)
         ytr = torch.from_numpy(train.counts)
-        criterion = tc.early_stopping if val is not None else "none"
-        stopper = EarlyStopping(criterion, tc.patience)
-        self.history = []
-        t0 = time.perf_counter()
-        for epoch in range(tc.max_epochs):
-            module.train()
-            order = rng.permutation(train.n_bags)
-            losses = []
-            for start in range(0, train.n_bags, tc.batch_size):
-                b = order[start:start + tc.batch_size]
-                rows, local = train.patch_index(b, tc.max_patches_per_bag, rng)
-                if hasattr(module, "train_k"):
-                    module.train_k = int(rng.choice(module.ks))
-                pred = module(feats[rows], torch.from_numpy(local), len(b))
-                loss = torch.mean((pred - ytr[b]) ** 2)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip)
-                opt.step()
-                losses.append(float(loss.detach()))
-            sched.step()
-            rec = {"epoch": epoch, "train_loss": float(np.mean(losses))}
-            if val is not None:
-                pv = self._predict_data(val)
-                rec["val_loss"] = float(np.mean((pv - val.counts) ** 2))
-                rec["val_pcc"] = mean_gene_pearson(pv, val.counts)
-                rec["val_pcc_comp"] = rec["val_pcc"]  # no composition here
-            self.history.append(rec)
-            if stopper.step(epoch, rec, module):
-                break
-        self.best_epoch = stopper.best_epoch if stopper.restore(module) else len(self.history) - 1
-        self.seconds = time.perf_counter() - t0
+
+        def step(b: np.ndarray, rng: np.random.Generator):
+            rows, local = train.patch_index(b, tc.max_patches_per_bag, rng)
+            if hasattr(module, "train_k"):
+                module.train_k = int(rng.choice(module.ks))
+            loss = torch.mean((module(feats[rows], torch.from_numpy(local), len(b)) - ytr[b]) ** 2)
+            return loss, {"mse": loss}
+
+        def validate():
+            pv = self._predict_data(val)
+            pcc = mean_gene_pearson(pv, val.counts)
+            # no composition here: val_pcc_comp is val_pcc
+            return {"val_loss": float(np.mean((pv - val.counts) ** 2)), "val_pcc": pcc, "val_pcc_comp": pcc}
+
+        result = fit_epochs(module, train.n_bags, tc, step, None if val is None else validate)
+        self.history, self.best_epoch, self.seconds = result.history, result.best_epoch, result.seconds
         module.eval()
         return self
 

@@ -2,7 +2,7 @@
 
 Nothing here knows about files or AnnData.
 """
-from .network import CPNNModule, segment_mean
+from .network import BagAccumulator, CPNNModule, predict_bag_outputs, segment_mean
 from . import losses
 
-__all__ = ["CPNNModule", "segment_mean", "losses"]
+__all__ = ["BagAccumulator", "CPNNModule", "predict_bag_outputs", "segment_mean", "losses"]

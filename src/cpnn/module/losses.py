@@ -1,4 +1,4 @@
-"""Losses of METHOD.md §4, as plain functions of tensors.
+"""Losses of method §4, docs/ARCHITECTURE.md, as plain functions of tensors.
 
 All expression losses take ``pred`` as a composition over genes (rows sum to 1) and
 ``counts`` as raw counts, so that every variant sees the same inputs.
@@ -9,23 +9,19 @@ from typing import Optional
 
 import torch
 
+from .._numerics import log1p_cp10k_torch, nb_log_prob, poisson_log_prob
+
 _EPS = 1e-10
 
 
 def nb_log_likelihood(counts: torch.Tensor, mean: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Element-wise negative-binomial log-likelihood.
+    """Element-wise negative-binomial log-likelihood (:func:`cpnn._numerics.nb_log_prob`,
+    with ``1e-10`` inside the logarithms).
 
     Parameterised by mean ``mu`` and inverse dispersion ``theta`` (variance
     ``mu + mu^2 / theta``), i.e. ``scipy.stats.nbinom(n=theta, p=theta / (theta + mu))``.
     """
-    log_theta_mu = torch.log(theta + mean + _EPS)
-    return (
-        torch.lgamma(counts + theta)
-        - torch.lgamma(theta)
-        - torch.lgamma(counts + 1.0)
-        + theta * (torch.log(theta + _EPS) - log_theta_mu)
-        + counts * (torch.log(mean + _EPS) - log_theta_mu)
-    )
+    return nb_log_prob(counts, mean, theta, eps=_EPS)
 
 
 def nb_nll(pred: torch.Tensor, counts: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
@@ -37,15 +33,13 @@ def nb_nll(pred: torch.Tensor, counts: torch.Tensor, log_theta: torch.Tensor) ->
 
 def poisson_nll(pred: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Mean Poisson negative log-likelihood with mean ``pred * library size``."""
-    mean = pred * counts.sum(dim=1, keepdim=True)
-    ll = counts * torch.log(mean + _EPS) - mean - torch.lgamma(counts + 1.0)
+    ll = poisson_log_prob(counts, pred * counts.sum(dim=1, keepdim=True), eps=_EPS)
     return -ll.sum(dim=1).mean() / counts.shape[1]
 
 
 def log1p_cp10k(x: torch.Tensor, already_composition: bool = False) -> torch.Tensor:
-    """``log1p(x / sum(x) * 1e4)`` row-wise."""
-    comp = x if already_composition else x / x.sum(dim=1, keepdim=True).clamp_min(_EPS)
-    return torch.log1p(comp * 1e4)
+    """``log1p(x / sum(x) * 1e4)`` row-wise (:func:`cpnn._numerics.log1p_cp10k_torch`)."""
+    return log1p_cp10k_torch(x, already_composition, eps=_EPS)
 
 
 def mse_log1p(pred: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -65,7 +59,7 @@ def pearson_loss(pred: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 def composition_loss(weights: torch.Tensor, targets: torch.Tensor,
                      type_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``mean_k (mean_i p_i - W)^2`` averaged over bags (METHOD.md §4).
+    """``mean_k (mean_i p_i - W)^2`` averaged over bags (method §4, docs/ARCHITECTURE.md).
 
     ``type_weights`` (K,), mean 1, re-weights the types (see ``CPNNConfig.composition_balance``).
     """

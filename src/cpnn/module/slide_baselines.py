@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from .._numerics import log1p_cp10k_torch
 from .network import make_mlp, segment_mean
 
 
@@ -198,8 +199,7 @@ class SumOfTiles(_BagRegressor):
 
     @staticmethod
     def _to_log1p(mean_expr: torch.Tensor) -> torch.Tensor:
-        comp = mean_expr / mean_expr.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-        return torch.log1p(comp * 1e4)
+        return log1p_cp10k_torch(mean_expr, eps=1e-30)
 
     def forward(self, features: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> torch.Tensor:
         return self._to_log1p(segment_mean(self.tile_expression(features), bag_index, n_bags))

@@ -241,16 +241,15 @@ def _measured_log1p(adata, idx: Sequence[int]) -> Optional[np.ndarray]:
     """Measured ``layers['counts']`` as log1p CP10k over the predicted genes (same scale as X)."""
     if COUNTS not in adata.layers:
         return None
-    from ..evaluate.metrics import to_log1p_cp10k
+    from .._numerics import log1p_cp10k
 
-    return to_log1p_cp10k(adata.layers[COUNTS])[:, list(idx)]
+    return log1p_cp10k(adata.layers[COUNTS])[:, list(idx)]
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = a - a.mean()
-    b = b - b.mean()
-    d = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / d) if d > 0 else float("nan")
+    from .._numerics import pearson
+
+    return pearson(a, b)
 
 
 # --------------------------------------------------------------------------- drawing

@@ -1,4 +1,5 @@
-"""Negative-binomial log-likelihood pieces shared by the regression and deconvolution.
+"""Negative-binomial log-likelihood pieces of the regression prototypes (the element-wise
+log-probabilities themselves are :func:`cpnn._numerics.nb_log_prob` / ``poisson_log_prob``).
 
 Parameterisation: mean ``mu`` and inverse dispersion (``total_count``) ``r``, so that
 ``Var = mu + mu**2 / r``; this is ``scipy.stats.nbinom(n=r, p=r / (r + mu))``.
@@ -16,38 +17,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def nb_log_prob(y: torch.Tensor, mu: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Element-wise negative-binomial log-probability.
-
-    Parameters
-    ----------
-    y
-        Non-negative counts.
-    mu
-        Positive means (broadcastable with ``y``).
-    r
-        Positive inverse dispersions (broadcastable with ``y``).
-
-    Returns
-    -------
-    torch.Tensor
-        ``log NB(y; mu, r)`` with the broadcast shape.
-    """
-    log_r_mu = torch.log(r + mu)
-    return (
-        torch.lgamma(y + r)
-        - torch.lgamma(r)
-        - torch.lgamma(y + 1.0)
-        + r * (torch.log(r) - log_r_mu)
-        + y * (torch.log(mu) - log_r_mu)
-    )
-
-
-def poisson_log_prob(y: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """Element-wise Poisson log-probability ``y log mu - mu - lgamma(y + 1)``."""
-    return y * torch.log(mu) - mu - torch.lgamma(y + 1.0)
 
 
 def grouped_softplus_sums(

@@ -85,7 +85,7 @@ def build_prototypes(
     are comparable gene by gene.
 
     * ``"naive"``: per-type mean of each cell's counts scaled to 10,000 in total.
-    * ``"regression"``: the negative-binomial regression of METHOD.md section 1 (see
+    * ``"regression"``: the negative-binomial regression of method §1, docs/ARCHITECTURE.md (see
       :mod:`cpnn.prototypes.regression`), which separates per-batch gene effects, an
       additive background and per-cell detection from the type means; initialised
       from the naive prototypes.

@@ -1,6 +1,6 @@
 """Deconvolution of bulk / spot counts against cell-type prototypes.
 
-The cell2location-style spatial model of METHOD.md section 2::
+The cell2location-style spatial model of method §2, docs/ARCHITECTURE.md::
 
     y_ng ~ NB(mu_ng, r_g),   mu_ng = m_g * sum_k w_nk T_kg + s_g
 
@@ -110,11 +110,11 @@ def _check_prototypes(prototypes) -> tuple[np.ndarray, Optional[List[str]]]:
 
 
 def _nb_loglik(y, mu, r, lgamma_y1):
-    if r is None:
-        return float((y * torch.log(mu) - mu).sum(dtype=torch.float64) - lgamma_y1)
-    log_r_mu = torch.log(r + mu)
-    return float((torch.lgamma(y + r) - torch.lgamma(r) + r * (torch.log(r) - log_r_mu)
-                  + y * (torch.log(mu) - log_r_mu)).sum(dtype=torch.float64) - lgamma_y1)
+    """Total log-likelihood; ``lgamma(y + 1)`` is summed once by the caller."""
+    from .._numerics import nb_log_prob, poisson_log_prob
+
+    ll = poisson_log_prob(y, mu, constant=False) if r is None else nb_log_prob(y, mu, r, constant=False)
+    return float(ll.sum(dtype=torch.float64) - lgamma_y1)
 
 
 def deconvolve(
@@ -131,7 +131,7 @@ def deconvolve(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Deconvolution:
-    """Cell-type abundances of each observation given prototypes (METHOD.md section 2).
+    """Cell-type abundances of each observation given prototypes (method §2, docs/ARCHITECTURE.md).
 
     Parameters
     ----------

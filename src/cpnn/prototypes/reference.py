@@ -289,7 +289,7 @@ def reference_qc(
     min_cells_per_label: int = 3,
     mito_prefixes: Sequence[str] = ("MT-",),
 ) -> ad.AnnData:
-    """The reference quality control of METHOD.md section 1, scaled to the reference.
+    """The reference quality control of method §1, docs/ARCHITECTURE.md, scaled to the reference.
 
     Cells are dropped when they have ``>= max_mito_fraction`` mitochondrial counts,
     ``>= max_genes`` or ``< min_genes`` detected genes; then genes detected in fewer than

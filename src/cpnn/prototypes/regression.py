@@ -1,6 +1,6 @@
 """Negative-binomial regression of single-cell counts on cell-type labels (tensors only).
 
-Model (METHOD.md section 1; cell2location's ``RegressionModel`` fitted by MAP instead of
+Model (method §1, docs/ARCHITECTURE.md; cell2location's ``RegressionModel`` fitted by MAP instead of
 variational inference)::
 
     C_cg ~ NB(mu_cg, r_g)

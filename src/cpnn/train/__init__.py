@@ -1,5 +1,7 @@
-"""The training loop: minibatches of bags, AdamW, StepLR, clipping, early stopping."""
+"""Training: one epoch loop (``trainer.fit_epochs``: minibatches of bags, AdamW, StepLR,
+clipping, early stopping) shared by CPNN (one or many processes), the slide baselines and the MLP probe."""
 from .bags import BagData
-from .loop import TrainResult, predict_bags, train_cpnn
+from .loop import predict_bags, train_cpnn
+from .trainer import TrainResult, fit_epochs
 
-__all__ = ["BagData", "TrainResult", "predict_bags", "train_cpnn"]
+__all__ = ["BagData", "TrainResult", "fit_epochs", "predict_bags", "train_cpnn"]

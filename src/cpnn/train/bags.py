@@ -84,6 +84,9 @@ class BagData:
     def subset(self, bags: Sequence[int]) -> "BagData":
         """The bags with the given indices, in that order."""
         bags = np.asarray(bags, dtype=np.int64)
+        if len(bags) == self.n_bags and np.array_equal(bags, np.arange(self.n_bags)):
+            # every bag in order (no validation part): share the features, do not copy them
+            return BagData(self.features, self.offsets, self.counts, self.targets)
         starts, ends = self.offsets[bags], self.offsets[bags + 1]
         idx = _ranges(starts, ends)
         offsets = np.concatenate([[0], np.cumsum(ends - starts)])

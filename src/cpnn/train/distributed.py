@@ -33,21 +33,17 @@ import argparse
 import json
 import os
 import sys
-import time
-import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..config import CPNNConfig, TrainConfig, config_from_dict, config_to_dict
 from ..errors import CPNNInputError
 from ..module.network import CPNNModule
 from .bags import BagData
-from .early_stopping import EarlyStopping
-from .loop import TrainResult, _bag_loss, predict_bags, validation_metrics
+from .loop import TrainResult, train_cpnn
 
 JOB_FORMAT = "cpnn-training-job"
 
@@ -86,70 +82,6 @@ def init_distributed(backend: Optional[str] = None) -> Tuple[int, int, str]:
     return rank, world, device
 
 
-def _world() -> Tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class _LossModule(nn.Module):
-    """Forward = network + loss, so that DDP sees every parameter the loss uses.
-
-    ``log_theta`` and the prototypes enter the loss outside ``CPNNModule.forward``; DDP only
-    synchronises parameters reached from the wrapped module's forward.
-    """
-
-    def __init__(self, module: CPNNModule, config: CPNNConfig) -> None:
-        super().__init__()
-        self.net = module
-        self.config = config
-
-    def forward(self, features, local, n_bags, counts, targets, scale):
-        out = self.net(features, local, n_bags=n_bags)
-        parts = _bag_loss(self.net, out, counts, targets, self.config)
-        template = parts.get("template")
-        bag_part = parts["total"] - template if template is not None else parts["total"]
-        # scale: this process's share of the global batch (0 for a padding bag)
-        loss = bag_part * scale + (template if template is not None else 0.0)
-        return loss
-
-
-def _split_rows(rows: np.ndarray, local: np.ndarray, mine: np.ndarray, n_batch: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Rows and renumbered bag ids of the batch positions ``mine`` (of ``n_batch``)."""
-    keep = np.isin(local, mine)
-    remap = np.full(n_batch, -1, dtype=np.int64)
-    remap[mine] = np.arange(len(mine))
-    return rows[keep], remap[local[keep]]
-
-
-def _gather_val_predictions(module: CPNNModule, val: BagData, device: str, rank: int, world: int):
-    """Predict this process's share of the validation bags and gather all of them, in order."""
-    import torch.distributed as dist
-
-    idx = np.arange(rank, val.n_bags, world)
-    part = predict_bags(module, val.subset(idx), device=device, return_patch_outputs=False) if len(idx) else None
-    if world == 1:
-        return part["bag_expr"], part["bag_weights"]
-    gathered: List[Optional[dict]] = [None] * world
-    dist.all_gather_object(gathered, {"idx": idx, "pred": part})
-    bag_expr = np.empty((val.n_bags, module.n_genes), dtype=np.float32)
-    bag_w = np.empty((val.n_bags, module.n_types), dtype=np.float32)
-    for item in gathered:
-        if item["pred"] is not None:
-            bag_expr[item["idx"]] = item["pred"]["bag_expr"]
-            bag_w[item["idx"]] = item["pred"]["bag_weights"]
-    return bag_expr, bag_w
-
-
-def _val_metrics(module: CPNNModule, val: BagData, config: CPNNConfig, device: str, rank: int,
-                 world: int) -> Dict[str, float]:
-    # the same numbers as cpnn.train.loop._evaluate, from gathered predictions
-    bag_expr, bag_w = _gather_val_predictions(module, val, device, rank, world)
-    return validation_metrics(module, bag_expr, bag_w, val, config, device)
-
-
 def train_cpnn_distributed(
     module: CPNNModule,
     train: BagData,
@@ -160,9 +92,10 @@ def train_cpnn_distributed(
 ) -> TrainResult:
     """Fit ``module`` in place, data-parallel over the processes of the current group.
 
-    Without an initialised process group (or with one process) this follows exactly the
-    trajectory of :func:`cpnn.train.train_cpnn`; with ``N`` processes every step uses the
-    same global batch of ``train_config.batch_size`` bags, split across processes.
+    The same loop as :func:`cpnn.train.train_cpnn` (which is data-parallel whenever a
+    process group of several processes is initialised); kept under this name for callers
+    that want to say so. Without a process group (or with one process) it is
+    ``train_cpnn`` itself.
 
     Parameters
     ----------
@@ -183,89 +116,7 @@ def train_cpnn_distributed(
     TrainResult
         Identical on every process; the best weights are restored in ``module``.
     """
-    if train.counts is None:
-        raise ValueError("training bags need counts")
-    rank, world = _world()
-    tc = train_config
-    device = device or tc.device
-    if world > 1 and config.loss == "pearson":
-        warnings.warn("loss='pearson' correlates bags within a batch; with several processes each "
-                      "process correlates its own share, so results differ from one process", stacklevel=2)
-    module.to(device)
-    wrapped: nn.Module = _LossModule(module, config)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # unused parameters exist for some configs (e.g. log_theta without the NB loss)
-        wrapped = DDP(wrapped, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None,
-                      find_unused_parameters=True)
-    rng = np.random.default_rng(tc.seed)
-    torch.manual_seed(tc.seed)
-    opt = torch.optim.AdamW(module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma)
-    with warnings.catch_warnings():
-        # memory-mapped, read-only features: torch warns that they are not writable; they are
-        # only ever indexed (copied) here
-        warnings.simplefilter("ignore", UserWarning)
-        features = torch.from_numpy(np.asarray(train.features))
-    counts = torch.from_numpy(train.counts)
-    targets = None if train.targets is None else torch.from_numpy(train.targets)
-
-    criterion = tc.early_stopping if val is not None else "none"
-    stopper = EarlyStopping(criterion, tc.patience)
-    result = TrainResult(criterion=criterion)
-    t0 = time.perf_counter()
-    for epoch in range(tc.max_epochs):
-        wrapped.train()
-        order = rng.permutation(train.n_bags)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        n_steps = 0
-        for start in range(0, train.n_bags, tc.batch_size):
-            bags = order[start : start + tc.batch_size]
-            # every process draws the whole batch's subsample so the rng stays in step
-            rows, local = train.patch_index(bags, tc.max_patches_per_bag, rng)
-            mine = np.arange(rank, len(bags), world)
-            scale = len(mine) * world / len(bags)
-            if len(mine) == 0:  # fewer bags than processes: a zero-weight stand-in bag
-                mine, scale = np.arange(1), 0.0
-            my_rows, my_local = _split_rows(rows, local, mine, len(bags))
-            my_bags = bags[mine]
-            loss = wrapped(
-                features[my_rows].to(device),
-                torch.from_numpy(my_local).to(device),
-                len(mine),
-                counts[my_bags].to(device),
-                None if targets is None else targets[my_bags].to(device),
-                scale,
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip)
-            opt.step()
-            loss_sum += loss.detach().double().cpu()
-            n_steps += 1
-        if world > 1:
-            import torch.distributed as dist
-
-            # sum over processes of the scaled losses = world x the global-batch loss
-            # (the unscaled template term is counted world times, hence the division)
-            dist.all_reduce(loss_sum)
-            loss_sum /= world
-        sched.step()
-        record = {"epoch": epoch, "train_loss": float(loss_sum) / max(n_steps, 1)}
-        if val is not None:
-            record.update(_val_metrics(module, val, config, device, rank, world))
-        result.history.append(record)
-        result.epochs_run = epoch + 1
-        if stopper.step(epoch, record, module):
-            break
-    if stopper.restore(module):
-        result.best_epoch, result.best_score = stopper.best_epoch, stopper.best_score
-    else:
-        result.best_epoch = result.epochs_run - 1
-    result.seconds = time.perf_counter() - t0
-    return result
+    return train_cpnn(module, train, val, config, train_config, device=device)
 
 
 # ---------------------------------------------------------------------------- job folders

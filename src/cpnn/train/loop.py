@@ -1,4 +1,4 @@
-"""Plain-PyTorch training loop for CPNN (METHOD.md §5, with the weak points fixed).
+"""Plain-PyTorch training loop for CPNN (method §5, docs/ARCHITECTURE.md, with the weak points fixed).
 
 - Early stopping on a validation part carved from the *training* data; the best weights
   are restored at the end.
@@ -9,30 +9,18 @@
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+import warnings
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from .._numerics import composition_log1p, log1p_cp10k, mean_column_pearson
 from ..config import CPNNConfig, TrainConfig
 from ..module import losses
-from ..module.network import CPNNModule
+from ..module.network import CPNNModule, predict_bag_outputs
 from .bags import BagData
-from .early_stopping import EarlyStopping
-
-
-@dataclass
-class TrainResult:
-    """What happened during training."""
-
-    history: List[Dict[str, float]] = field(default_factory=list)
-    best_epoch: int = -1
-    best_score: float = float("nan")
-    epochs_run: int = 0
-    seconds: float = 0.0
-    criterion: str = "none"
+from .trainer import TrainResult, fit_epochs
 
 
 def _bag_loss(
@@ -57,7 +45,6 @@ def _bag_loss(
     return parts
 
 
-@torch.no_grad()
 def predict_bags(
     module: CPNNModule,
     data: BagData,
@@ -65,7 +52,9 @@ def predict_bags(
     device: str = "cpu",
     return_patch_outputs: bool = True,
 ) -> Dict[str, np.ndarray]:
-    """Deterministic prediction on every patch of every bag, in bounded-memory chunks.
+    """Deterministic prediction of one network on every patch of every bag, in chunks.
+
+    The single-network case of :func:`cpnn.module.network.predict_bag_outputs`.
 
     Returns
     -------
@@ -73,53 +62,13 @@ def predict_bags(
         ``bag_expr`` (B, G) and ``bag_weights`` (B, K); with ``return_patch_outputs``
         also ``weights`` (N, K) and ``spot_expr`` (N, G) per patch.
     """
-    module.eval()
-    n_patches = len(data.features)
-    n_bags = data.n_bags
-    bag_of_patch = np.repeat(np.arange(n_bags), data.sizes)
-    proto = module.prototype_expression()
-    bag_sum = torch.zeros((n_bags, module.n_genes), dtype=torch.float64)
-    bag_w = torch.zeros((n_bags, module.n_types), dtype=torch.float64)
-    patch_w = np.empty((n_patches, module.n_types), dtype=np.float32) if return_patch_outputs else None
-    patch_e = np.empty((n_patches, module.n_genes), dtype=np.float32) if return_patch_outputs else None
-    for start in range(0, n_patches, chunk_patches):
-        stop = min(start + chunk_patches, n_patches)
-        x = torch.from_numpy(data.features[start:stop]).to(device)
-        w = module.weights(x)
-        e = module._apply_gene_factors(w @ proto)
-        seg = torch.from_numpy(bag_of_patch[start:stop])
-        bag_sum.index_add_(0, seg, e.double().cpu())
-        bag_w.index_add_(0, seg, w.double().cpu())
-        if return_patch_outputs:
-            patch_w[start:stop] = w.cpu().numpy()
-            patch_e[start:stop] = (e / e.sum(dim=1, keepdim=True)).cpu().numpy()
-    sizes = torch.from_numpy(np.maximum(data.sizes, 1)).double()[:, None]
-    bag_mean = bag_sum / sizes
-    out = {
-        "bag_expr": (bag_mean / bag_mean.sum(dim=1, keepdim=True).clamp_min(1e-300)).float().numpy(),
-        "bag_weights": (bag_w / sizes).float().numpy(),
-    }
-    if return_patch_outputs:
-        out["weights"] = patch_w
-        out["spot_expr"] = patch_e
-    return out
+    return predict_bag_outputs([module], data.features, data.offsets, chunk_patches=chunk_patches,
+                               device=device, return_patch_outputs=return_patch_outputs)
 
 
 def _mean_gene_pearson(pred_comp: np.ndarray, counts: np.ndarray) -> float:
     """Mean over genes of Pearson across bags, on log1p CP10k (constant genes skipped)."""
-    tot = counts.sum(axis=1, keepdims=True)
-    return mean_column_pearson(np.asarray(np.log1p(pred_comp * 1e4), np.float64),
-                               np.asarray(np.log1p(counts / np.maximum(tot, 1e-12) * 1e4), np.float64))
-
-
-def mean_column_pearson(pred: np.ndarray, true: np.ndarray) -> float:
-    """Mean over columns of Pearson across rows (columns constant on either side skipped),
-    in the arrays' own precision."""
-    x = pred - pred.mean(0)
-    y = true - true.mean(0)
-    den = np.sqrt((x * x).sum(0) * (y * y).sum(0))
-    ok = den > 1e-12
-    return float(((x * y).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
+    return mean_column_pearson(composition_log1p(np.asarray(pred_comp, np.float64)), log1p_cp10k(counts))
 
 
 def validation_metrics(module, bag_expr: np.ndarray, bag_weights: np.ndarray, data: BagData,
@@ -142,9 +91,68 @@ def validation_metrics(module, bag_expr: np.ndarray, bag_weights: np.ndarray, da
     return metrics
 
 
-def _evaluate(module, data: BagData, config: CPNNConfig, device: str) -> Dict[str, float]:
-    pred = predict_bags(module, data, device=device, return_patch_outputs=False)
-    return validation_metrics(module, pred["bag_expr"], pred["bag_weights"], data, config, device)
+def world() -> Tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _LossModule(torch.nn.Module):
+    """Forward = network + loss, so that DDP sees every parameter the loss uses.
+
+    ``log_theta`` and the prototypes enter the loss outside ``CPNNModule.forward``; DDP only
+    synchronises parameters reached from the wrapped module's forward.
+    """
+
+    def __init__(self, module: CPNNModule, config: CPNNConfig) -> None:
+        super().__init__()
+        self.net = module
+        self.config = config
+
+    def forward(self, features, local, n_bags, counts, targets, scale):
+        out = self.net(features, local, n_bags=n_bags)
+        parts = _bag_loss(self.net, out, counts, targets, self.config)
+        template = parts.get("template")
+        bag_part = parts["total"] - template if template is not None else parts["total"]
+        # scale: this process's share of the global batch (0 for a padding bag)
+        return bag_part * scale + (template if template is not None else 0.0)
+
+
+def _split_rows(rows: np.ndarray, local: np.ndarray, mine: np.ndarray, n_batch: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows and renumbered bag ids of the batch positions ``mine`` (of ``n_batch``)."""
+    keep = np.isin(local, mine)
+    remap = np.full(n_batch, -1, dtype=np.int64)
+    remap[mine] = np.arange(len(mine))
+    return rows[keep], remap[local[keep]]
+
+
+def _gather_val_predictions(module: CPNNModule, val: BagData, device: str, rank: int, n_proc: int):
+    """Predict this process's share of the validation bags and gather all of them, in order."""
+    idx = np.arange(rank, val.n_bags, n_proc)
+    part = predict_bags(module, val.subset(idx), device=device, return_patch_outputs=False) if len(idx) else None
+    if n_proc == 1:
+        return part["bag_expr"], part["bag_weights"]
+    import torch.distributed as dist
+
+    gathered: List[Optional[dict]] = [None] * n_proc
+    dist.all_gather_object(gathered, {"idx": idx, "pred": part})
+    bag_expr = np.empty((val.n_bags, module.n_genes), dtype=np.float32)
+    bag_w = np.empty((val.n_bags, module.n_types), dtype=np.float32)
+    for item in gathered:
+        if item["pred"] is not None:
+            bag_expr[item["idx"]] = item["pred"]["bag_expr"]
+            bag_w[item["idx"]] = item["pred"]["bag_weights"]
+    return bag_expr, bag_w
+
+
+def _val_metrics(module: CPNNModule, val: BagData, config: CPNNConfig, device: str, rank: int,
+                 n_proc: int) -> Dict[str, float]:
+    """Validation metrics of every process's gathered predictions (identical everywhere)."""
+    bag_expr, bag_w = _gather_val_predictions(module, val, device, rank, n_proc)
+    return validation_metrics(module, bag_expr, bag_w, val, config, device)
 
 
 def train_cpnn(
@@ -153,20 +161,31 @@ def train_cpnn(
     val: Optional[BagData],
     config: CPNNConfig,
     train_config: TrainConfig,
+    device: Optional[str] = None,
 ) -> TrainResult:
-    """Fit ``module`` in place and restore its best weights.
+    """Fit ``module`` in place and restore its best weights: the one CPNN training loop.
+
+    On one process it trains on every bag of each step. Under an initialised process group
+    of ``N > 1`` processes (``torchrun``) the same loop is data-parallel: every process draws
+    the same seeded permutation and patch subsample (``batch_size`` is the global batch),
+    takes the step's bags ``rank, rank + N, ...``, scales its loss by its share so that
+    DDP's gradient average is the global batch's, and all processes compute the same
+    validation metrics from gathered predictions (see docs/DISTRIBUTED.md).
 
     Parameters
     ----------
     module
-        The network, initialised.
+        The network, initialised (identically on every process).
     train
-        Training bags with ``counts`` (and optionally composition ``targets``).
+        Training bags with ``counts`` (and optionally composition ``targets``); features
+        may be memory-mapped (each step copies only its rows).
     val
         Validation bags carved from the training data, or None (then no early stopping:
         the last epoch is kept).
     config, train_config
         Model and optimisation settings.
+    device
+        Defaults to ``train_config.device``.
 
     Returns
     -------
@@ -174,75 +193,56 @@ def train_cpnn(
     """
     if train.counts is None:
         raise ValueError("training bags need counts")
+    rank, n_proc = world()
     tc = train_config
-    device = tc.device
+    device = device or tc.device
+    if n_proc > 1 and config.loss == "pearson":
+        warnings.warn("loss='pearson' correlates bags within a batch; with several processes each "
+                      "process correlates its own share, so results differ from one process", stacklevel=2)
     module.to(device)
-    rng = np.random.default_rng(tc.seed)
+    wrapped = None
+    if n_proc > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # unused parameters exist for some configs (e.g. log_theta without the NB loss)
+        wrapped = DDP(_LossModule(module, config),
+                      device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None,
+                      find_unused_parameters=True)
     torch.manual_seed(tc.seed)
-    opt = torch.optim.AdamW(module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma)
-    features = torch.from_numpy(train.features)
+    with warnings.catch_warnings():
+        # memory-mapped, read-only features: torch warns that they are not writable; they are
+        # only ever indexed (copied) here
+        warnings.simplefilter("ignore", UserWarning)
+        features = torch.from_numpy(np.asarray(train.features))
     counts = torch.from_numpy(train.counts)
     targets = None if train.targets is None else torch.from_numpy(train.targets)
 
-    criterion = tc.early_stopping if val is not None else "none"
-    stopper = EarlyStopping(criterion, tc.patience)
-    result = TrainResult(criterion=criterion)
-    t0 = time.perf_counter()
-    bar = None
-    if tc.progress:
-        from tqdm.auto import tqdm
+    def step(bags: np.ndarray, rng: np.random.Generator):
+        # every process draws the whole batch's subsample so the rng stays in step
+        rows, local = train.patch_index(bags, tc.max_patches_per_bag, rng)
+        if wrapped is None:
+            out = module(features[rows].to(device), torch.from_numpy(local).to(device), n_bags=len(bags))
+            parts = _bag_loss(module, out, counts[bags].to(device),
+                              None if targets is None else targets[bags].to(device), config)
+            return parts["total"], parts
+        mine = np.arange(rank, len(bags), n_proc)
+        scale = len(mine) * n_proc / len(bags)
+        if len(mine) == 0:  # fewer bags than processes: a zero-weight stand-in bag
+            mine, scale = np.arange(1), 0.0
+        my_rows, my_local = _split_rows(rows, local, mine, len(bags))
+        my_bags = bags[mine]
+        loss = wrapped(features[my_rows].to(device), torch.from_numpy(my_local).to(device), len(mine),
+                       counts[my_bags].to(device), None if targets is None else targets[my_bags].to(device), scale)
+        return loss, {"total": loss}
 
-        bar = tqdm(total=tc.max_epochs, desc=tc.progress_desc, unit="epoch", leave=False)
-    try:
-        for epoch in range(tc.max_epochs):
-            module.train()
-            order = rng.permutation(train.n_bags)
-            totals = []
-            for start in range(0, train.n_bags, tc.batch_size):
-                bags = order[start : start + tc.batch_size]
-                rows, local = train.patch_index(bags, tc.max_patches_per_bag, rng)
-                out = module(
-                    features[rows].to(device), torch.from_numpy(local).to(device), n_bags=len(bags)
-                )
-                parts = _bag_loss(
-                    module,
-                    out,
-                    counts[bags].to(device),
-                    None if targets is None else targets[bags].to(device),
-                    config,
-                )
-                if not torch.isfinite(parts["total"]):
-                    bad = {k: float(v.detach()) for k, v in parts.items()}
-                    raise FloatingPointError(
-                        f"non-finite training loss at epoch {epoch} ({bad}); check the inputs for NaN/inf "
-                        "or lower the learning rate"
-                    )
-                opt.zero_grad(set_to_none=True)
-                parts["total"].backward()
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip)
-                opt.step()
-                totals.append(float(parts["total"].detach()))
-            sched.step()
-            record = {"epoch": epoch, "train_loss": float(np.mean(totals))}
-            if val is not None:
-                record.update(_evaluate(module, val, config, device))
-            result.history.append(record)
-            result.epochs_run = epoch + 1
-            stop = stopper.step(epoch, record, module)
-            if bar is not None:
-                bar.update(1)
-                shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("train_loss", "val_loss", "val_pcc")}
-                bar.set_postfix(shown)
-            if stop:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-    if stopper.restore(module):
-        result.best_epoch, result.best_score = stopper.best_epoch, stopper.best_score
-    else:
-        result.best_epoch = result.epochs_run - 1
-    result.seconds = time.perf_counter() - t0
-    return result
+    def reduce_loss(loss_sum: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        # sum over processes of the scaled losses = N x the global-batch loss
+        # (the unscaled template term is counted N times, hence the division)
+        dist.all_reduce(loss_sum)
+        return loss_sum / n_proc
+
+    validate = None if val is None else (lambda: _val_metrics(module, val, config, device, rank, n_proc))
+    return fit_epochs(module, train.n_bags, tc, step, validate,
+                      reduce_loss=reduce_loss if n_proc > 1 else None, show_progress=rank == 0)

@@ -3,8 +3,11 @@
 Expression varies smoothly over tissue while the features of one patch are noisy; the
 mean over a spot and its first ring of neighbours (on the test image itself, never its
 counts) is a cheap, honest denoiser, in the spirit of TRIPLEX's neighbour context. The
-ring is defined by the data's own spot pitch, so the same setting fits legacy ST (200 µm),
-Visium (100 µm) and whole-slide tile grids.
+ring is counted in the data's own pitch, not in microns: ``rings=1`` averages ~300 µm of
+tissue on legacy ST (200 µm pitch), ~150 µm on Visium (100 µm) and only ~84 µm on a grid
+of 56 µm whole-slide tiles (a sub-patch model's tiles). A model trained with context on
+spots therefore sees a smaller neighbourhood on whole-slide tiles; the setting is used
+identically, the physical scale is not the same.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import __version__
 from .._constants import SPATIAL, TRUE_PROPORTIONS
+from .._numerics import composition_log1p, pearson, pearson_columns
 from ..config import CPNNConfig, TrainConfig
 from ..utils import seed_everything, write_json
 
@@ -29,16 +30,18 @@ def _log(msg: str, quiet: bool) -> None:
 
 def demo_settings(quick: bool = False) -> Dict[str, Any]:
     """The demo's resolved settings (``quick`` shrinks it for tests)."""
+    from ..presets import get_preset
+
+    spot, slide = get_preset("demo_spot"), get_preset("demo_slide")
     s = {
         "cohort": dict(n_slides=24, n_types=5, n_genes=200, image_px=1024, mpp=0.5,
                        spot_pitch_um=100.0, spot_diameter_um=100.0, n_ref_cells=1500),
         "prototypes": dict(method="regression", label_key="cell_type", batch_key="batch", min_genes=10),
         "encoder": dict(name="efficientnet-lite0", patch_um=100.0, out_px=112, tta="none"),
         "test_fraction_patients": 1 / 3,
-        "spot_model": dict(hidden=[256], dropout=0.1, loss="nb", composition_weight=1e2, template_weight=1e3),
-        "spot_train": dict(max_epochs=100, batch_size=64, lr=1e-3, weight_decay=1e-2, patience=15),
-        "slide_model": dict(hidden=[256], dropout=0.1, loss="nb", composition_weight=1e2, template_weight=1e3),
-        "slide_train": dict(max_epochs=150, batch_size=4, lr=1e-3, weight_decay=1e-2, patience=30),
+        # the models' settings: presets demo_spot and demo_slide (cpnn.presets), every option
+        "spot_model": spot.model_options(), "spot_train": spot.train_options(),
+        "slide_model": slide.model_options(), "slide_train": slide.train_options(),
     }
     if quick:
         s["cohort"].update(n_slides=12, n_genes=60, image_px=768, n_ref_cells=400)
@@ -69,7 +72,7 @@ def run_demo(out_dir: Optional[str | Path] = None, seed: int = 0, quick: bool = 
     """
     from ..data.synthetic import make_synthetic_cohort
     from ..encoders import create_encoder
-    from ..evaluate import composition_agreement, expression_metrics, to_log1p_cp10k
+    from ..metrics import composition_agreement, expression_metrics, to_log1p_cp10k
     from ..image import ArraySlide
     from ..model import CPNN
     from ..model.probes import RidgeProbe
@@ -91,7 +94,7 @@ def run_demo(out_dir: Optional[str | Path] = None, seed: int = 0, quick: bool = 
     _log("building prototypes from the synthetic single-cell reference", quiet)
     ps = settings["prototypes"]
     # the synthetic reference measures a few hundred genes, not a transcriptome, so the
-    # "at least 200 detected genes" rule of METHOD.md is scaled down; the rest applies
+    # "at least 200 detected genes" rule of the reference QC (method §1) is scaled down; the rest applies
     reference = reference_qc(cohort.reference, ps["label_key"], min_genes=ps["min_genes"])
     protos = build_prototypes(reference, ps["label_key"], method=ps["method"], batch_key=ps["batch_key"],
                               genes=cohort.genes, seed=seed)
@@ -146,12 +149,12 @@ def run_demo(out_dir: Optional[str | Path] = None, seed: int = 0, quick: bool = 
     xtr, ytr, gtr = xtr[keep], ytr[keep], stack(train_slides, "groups")[keep]
     xte, yte, pte = stack(test_slides, "features"), stack(test_slides, "counts"), stack(test_slides, "truth")
     spot_model = CPNN(protos, CPNNConfig(**settings["spot_model"]),
-                      TrainConfig(seed=seed, progress=progress and not quiet, **settings["spot_train"]),
-                      encoder=enc_cfg)
+                      TrainConfig(**{**settings["spot_train"], "seed": seed, "progress": progress and not quiet}),
+                      encoder=enc_cfg, preset="demo_spot")
     spot_model.fit(xtr, ytr, composition_targets="deconvolve", groups=gtr)
     pred = spot_model.predict(xte)
     truth_log = to_log1p_cp10k(yte)
-    metrics["spot"]["cpnn"] = _summary(expression_metrics(np.log1p(pred["spot_expr"] * 1e4), truth_log, genes))
+    metrics["spot"]["cpnn"] = _summary(expression_metrics(composition_log1p(pred["spot_expr"]), truth_log, genes))
     ridge = RidgeProbe(alphas="cv", seed=seed).fit(xtr, to_log1p_cp10k(ytr), groups=gtr)
     metrics["spot"]["ridge"] = _summary(expression_metrics(ridge.predict(xte), truth_log, genes))
     metrics["spot"]["ridge"]["alpha"] = ridge.alpha_
@@ -167,13 +170,13 @@ def run_demo(out_dir: Optional[str | Path] = None, seed: int = 0, quick: bool = 
     bulk_tr = np.stack([np.asarray(s.bulk_counts, np.float32)[gidx] for s in train_slides])
     bulk_te = np.stack([np.asarray(s.bulk_counts, np.float32)[gidx] for s in test_slides])
     slide_model = CPNN(protos, CPNNConfig(**settings["slide_model"]),
-                       TrainConfig(seed=seed, progress=progress and not quiet, **settings["slide_train"]),
-                       encoder=enc_cfg)
+                       TrainConfig(**{**settings["slide_train"], "seed": seed, "progress": progress and not quiet}),
+                       encoder=enc_cfg, preset="demo_slide")
     slide_model.fit([feats[s.slide_id] for s in train_slides], bulk_tr, composition_targets="deconvolve",
                     groups=[s.patient_id for s in train_slides])
     spred = slide_model.predict([feats[s.slide_id] for s in test_slides])
     bulk_log = to_log1p_cp10k(bulk_te)
-    metrics["slide"]["cpnn"] = _summary(expression_metrics(np.log1p(spred["bag_expr"] * 1e4), bulk_log, genes))
+    metrics["slide"]["cpnn"] = _summary(expression_metrics(composition_log1p(spred["bag_expr"]), bulk_log, genes))
     pooled_tr = np.stack([feats[s.slide_id].mean(0) for s in train_slides])
     pooled_te = np.stack([feats[s.slide_id].mean(0) for s in test_slides])
     sridge = RidgeProbe(alphas="cv", seed=seed, n_components=min(256, len(train_slides) - 1)).fit(
@@ -221,13 +224,12 @@ def _reorder_types(protos, names):
 
 
 def _row_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(1, keepdims=True)
-    b = b - b.mean(1, keepdims=True)
-    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    """Pearson of each row of ``a`` with the same row of ``b``."""
+    return pearson_columns(np.asarray(a, np.float64).T, np.asarray(b, np.float64).T)
 
 
 def _figures(out: Path, cohort, slide, model, feats, genes, gidx, k_names) -> Dict[str, str]:
-    from ..evaluate import to_log1p_cp10k
+    from ..metrics import to_log1p_cp10k
     from ..plot.spatial import composition_panel, gene_panel
 
     pred = model.predict(feats[slide.slide_id])
@@ -239,10 +241,10 @@ def _figures(out: Path, cohort, slide, model, feats, genes, gidx, k_names) -> Di
                       title=f"Held-out slide {slide.slide_id}: true cell-type fractions (top) vs CPNN weights (bottom)")
     files["celltype_maps"] = "celltype_maps.png"
     measured = to_log1p_cp10k(_dense(slide.spots.X)[:, gidx])
-    predicted = np.log1p(pred["spot_expr"] * 1e4)
+    predicted = composition_log1p(pred["spot_expr"])
     # the gene with the largest spread in the measured data is the most informative to show
     g = int(np.argmax(measured.std(0)))
-    r = float(np.corrcoef(measured[:, g], predicted[:, g])[0, 1])
+    r = pearson(measured[:, g], predicted[:, g])
     gene_panel(out / "gene_map.png", xy, [measured[:, g], predicted[:, g]],
                [f"{genes[g]} measured", f"{genes[g]} predicted (CPNN, r = {r:.2f})"], diameter_px, image=slide.image,
                mpp=cohort.mpp, suptitle=f"Held-out slide {slide.slide_id}: one colour scale for both maps "

@@ -13,31 +13,61 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .. import __version__
-from ..config import CPNNConfig, TrainConfig, config_from_dict, config_to_dict
+from ..config import LEVELS, CPNNConfig, TrainConfig, config_from_dict, config_to_dict
 from ..errors import CPNNInputError
+from ..presets import FeatureDefaults, get_preset
 from ..utils import atomic_path, seed_everything, write_json
 from .spatial import FeatureSpec, SpatialSample, attach_features, fit_spot_model, prediction_anndata, target_genes
 
-# Spot-level defaults, chosen on HER2ST sections C2-C6 (leave-one-section-out, see
-# BENCHMARKS.md) and the synthetic cohort, never on a test fold: a small MLP head; MSE on
-# log1p CP10k (the scale every method is scored on; the paper's NB loss trained for 1-3
-# epochs there); the paper's composition and template weights; four ensemble members, each
-# early-stopped on a different training section; the first ring of neighbours as context;
-# each spot a bag of 2 x 2 sub-patches (56 µm at 224 px): one mixture per sub-patch, which
-# lifted CPNN's expression and maps and the baselines given the same sub-patches (one
-# setting tried, on those sections; BENCHMARKS.md). With --features DIR and no explicit
-# grid, the feature files decide (a CLAM/TRIDENT file of one patch per spot: grid 1).
-SPOT_MODEL_DEFAULTS = dict(hidden=[256], dropout=0.25, loss="mse_log1p", composition_weight=1e3,
-                           template_weight=1e3, residual_head="ridge")
-SPOT_TRAIN_DEFAULTS = dict(max_epochs=200, batch_size=64, lr=1e-3, weight_decay=1e-2, patience=30,
-                           early_stopping="val_pcc", n_models=4, val_fraction=0.25)
-SPOT_FEATURE_DEFAULTS = dict(context_rings=1.0, subpatch_grid=None)  # None: see resolve_subpatch_grid
-SPOT_SUBPATCH_GRID = 2
+#: Top-level keys of a ``cpnn fit --config`` YAML, and the keys of its sections.
+CONFIG_KEYS = {
+    "preset": None, "prototypes": ("label", "batch", "method"), "genes": None, "n_top_genes": None,
+    "level": None, "seed": None, "features": (),  # the fields of FeatureSpec
+    "model": None, "train": None, "pseudobulk": ("block_spots", "min_spots"),
+}
+
+
+def check_config_keys(cfg: Dict[str, Any], path=None) -> None:
+    """Refuse unknown keys in a ``cpnn fit`` config (a typo would silently keep a default).
+
+    Raises
+    ------
+    CPNNInputError
+        Naming the unknown key(s) and the valid ones; ``model:``/``train:`` keys are
+        checked against :class:`~cpnn.config.CPNNConfig` / :class:`~cpnn.config.TrainConfig`.
+    """
+    unknown = sorted(set(cfg) - set(CONFIG_KEYS))
+    if unknown:
+        raise CPNNInputError(f"unknown config key(s): {', '.join(unknown)}", path=path, field=unknown[0],
+                             fix=f"valid keys: {', '.join(sorted(CONFIG_KEYS))}")
+    for section, keys in CONFIG_KEYS.items():
+        value = cfg.get(section)
+        if keys is None and section not in ("model", "train") or value is None:
+            continue
+        if not isinstance(value, dict):
+            raise CPNNInputError(f"'{section}' must be a mapping", path=path, field=section)
+        if section in ("model", "train", "features"):
+            cls = {"model": CPNNConfig, "train": TrainConfig, "features": FeatureSpec}[section]
+            valid = sorted(f.name for f in dataclasses.fields(cls))
+        else:
+            valid = sorted(keys)
+        bad = sorted(set(value) - set(valid))
+        if bad:
+            raise CPNNInputError(f"unknown key(s) in '{section}': {', '.join(bad)}", path=path,
+                                 field=f"{section}.{bad[0]}", fix=f"valid keys: {', '.join(valid)}")
+
+
+def _level_preset(level: str) -> str:
+    return "bulk" if level == "bulk" else "spot"
 
 
 @dataclass
 class FitOptions:
-    """Everything ``cpnn fit`` needs, resolved from defaults, a YAML config and flags."""
+    """Everything ``cpnn fit`` needs, resolved from a preset, a YAML config and flags.
+
+    ``preset`` None means the level's: ``spot`` (:mod:`cpnn.presets`) or ``bulk`` for
+    ``level="bulk"``; ``model``/``train`` None take every option from that preset.
+    """
 
     reference: str
     label: Optional[str] = None
@@ -47,24 +77,43 @@ class FitOptions:
     n_top_genes: int = 1000
     level: str = "spot"
     seed: int = 0
-    features: FeatureSpec = field(default_factory=lambda: FeatureSpec(**SPOT_FEATURE_DEFAULTS))
-    model: Dict[str, Any] = field(default_factory=lambda: dict(SPOT_MODEL_DEFAULTS))
-    train: Dict[str, Any] = field(default_factory=lambda: dict(SPOT_TRAIN_DEFAULTS))
+    preset: Optional[str] = None
+    features: Optional[FeatureSpec] = None
+    model: Optional[Dict[str, Any]] = None
+    train: Optional[Dict[str, Any]] = None
     # --level bulk only: how spots are pooled into pseudo-bulk regions
     # (keys of cpnn.workflows.pseudobulk.fit_bulk_model, e.g. block_spots, min_spots)
     pseudobulk: Dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise CPNNInputError(f"unknown level {self.level!r}", field="level", fix=f"use one of {', '.join(LEVELS)}")
+        if self.preset is None:
+            self.preset = _level_preset(self.level)
+        try:
+            preset = get_preset(self.preset)
+        except ValueError as exc:
+            raise CPNNInputError(str(exc), field="preset") from None
+        if self.features is None:
+            feat = preset.features or FeatureDefaults()
+            self.features = FeatureSpec(context_rings=feat.context_rings, subpatch_grid=feat.subpatch_grid)
+        if self.model is None:
+            self.model = preset.model_options()
+        if self.train is None:
+            self.train = preset.train_options()
+
     @classmethod
-    def from_sources(cls, cfg: Dict[str, Any], args: Any) -> "FitOptions":
-        """Defaults <- YAML ``cfg`` <- command-line ``args`` (flags win)."""
+    def from_sources(cls, cfg: Dict[str, Any], args: Any, path=None) -> "FitOptions":
+        """Preset <- YAML ``cfg`` <- command-line ``args`` (flags win); unknown keys refused."""
+        check_config_keys(cfg, path)
         protos = dict(cfg.get("prototypes", {}))
-        opts = cls(reference=args.reference)
+        level = getattr(args, "level", None) or cfg.get("level", "spot")
+        opts = cls(reference=args.reference, level=level, preset=cfg.get("preset"))
         opts.label = args.label or protos.get("label")
         opts.batch = args.batch or protos.get("batch")
         opts.prototype_method = args.prototype_method or protos.get("method", opts.prototype_method)
         opts.genes_file = args.genes or cfg.get("genes")
         opts.n_top_genes = args.n_top_genes or cfg.get("n_top_genes", opts.n_top_genes)
-        opts.level = args.level or cfg.get("level", opts.level)
         opts.seed = args.seed if args.seed is not None else cfg.get("seed", opts.seed)
         feat = dict(cfg.get("features", {}))
         for key, flag in (("encoder", "encoder"), ("patch_um", "patch_um"), ("tta", "tta"),
@@ -73,7 +122,7 @@ class FitOptions:
                           ("stain_norm", "stain_norm")):
             if getattr(args, flag, None) is not None:
                 feat[key] = getattr(args, flag)
-        opts.features = FeatureSpec(**{**SPOT_FEATURE_DEFAULTS, **feat})
+        opts.features = dataclasses.replace(opts.features, **feat)
         opts.model.update(cfg.get("model", {}))
         if getattr(args, "residual_head", None) is not None:
             if args.residual_head != "none" and opts.level == "bulk":
@@ -85,6 +134,10 @@ class FitOptions:
         if getattr(args, "epochs", None):
             opts.train["max_epochs"] = args.epochs
         opts.train["seed"] = opts.seed
+        try:  # every option resolved now, so a bad value is reported before any work
+            opts.model_config(), opts.train_config()
+        except ValueError as exc:
+            raise CPNNInputError(str(exc), path=path, field="model/train") from None
         return opts
 
     def model_config(self) -> CPNNConfig:
@@ -105,10 +158,13 @@ class FitOptions:
 
 def resolve_subpatch_grid(opts: FitOptions, features_dir=None) -> None:
     """Fill an unset (None) ``opts.features.subpatch_grid``: left unset with ``features_dir``
-    (the feature files decide, see ``attach_features``); :data:`SPOT_SUBPATCH_GRID` when
-    spots are extracted; 1 at ``--level bulk`` (its bags were measured with one patch per tile)."""
+    (the feature files decide, see ``attach_features``); the preset's ``extract_subpatch_grid``
+    when spots are extracted (2 for ``spot``; 1 for ``bulk``: its bags were measured with one
+    patch per tile)."""
     if opts.features.subpatch_grid is None and features_dir is None:
-        opts.features.subpatch_grid = SPOT_SUBPATCH_GRID if opts.level == "spot" else 1
+        preset = get_preset(opts.preset or _level_preset(opts.level))
+        grid = (preset.features or FeatureDefaults()).extract_subpatch_grid
+        opts.features.subpatch_grid = grid if opts.level == "spot" else 1
 
 
 def read_gene_list(path, field: str = "--genes") -> List[str]:
@@ -216,6 +272,7 @@ def _fit_into(samples: List[SpatialSample], opts: FitOptions, out: Optional[Path
         from .pseudobulk import fit_bulk_model
 
         model = fit_bulk_model(samples, protos, opts, progress=progress)
+    model.preset = opts.preset  # recorded in the model file beside every resolved option
     if model.residual is not None:
         say(residual_summary(model.residual))
     if not main_process:

@@ -25,9 +25,6 @@ import numpy as np
 from .._constants import SPATIAL, UNS_INPUT
 from ..errors import CPNNInputError
 
-# defaults for region bags (a few dozen bags of ~5-9 spots): the spot defaults with
-# smaller steps, since there are ~10x fewer observations than spots
-BULK_TRAIN_OVERRIDES = dict(batch_size=8)
 
 
 @dataclass
@@ -204,8 +201,8 @@ def fit_bulk_model(samples: Sequence[Any], prototypes, opts, progress: bool = Tr
         :class:`cpnn.prototypes.Prototypes` (defines genes and cell types).
     opts
         :class:`cpnn.workflows.fit.FitOptions`. Its ``model`` / ``train`` settings are
-        used as given, except ``batch_size``: 8 regions when it is still the spot
-        default. ``block_spots`` / ``min_spots`` are read from ``opts.pseudobulk``
+        used as given (``FitOptions(level="bulk")`` starts from the ``bulk`` preset of
+        :mod:`cpnn.presets`: 8 regions a step). ``block_spots`` / ``min_spots`` are read from ``opts.pseudobulk``
         (a dict) when ``FitOptions`` has that attribute, else from the keywords.
     progress
         Show a progress bar.
@@ -218,7 +215,6 @@ def fit_bulk_model(samples: Sequence[Any], prototypes, opts, progress: bool = Tr
     """
     from ..config import TrainConfig, config_from_dict
     from ..model import CPNN
-    from .fit import SPOT_TRAIN_DEFAULTS
 
     extra = dict(getattr(opts, "pseudobulk", None) or {})
     block_spots = int(extra.get("block_spots", block_spots))
@@ -229,11 +225,7 @@ def fit_bulk_model(samples: Sequence[Any], prototypes, opts, progress: bool = Tr
     if keep.sum() < 4:
         raise CPNNInputError(f"only {int(keep.sum())} non-empty regions to train on", field="--sections",
                              fix="give more (or larger) training sections, or a smaller block size")
-    train = dict(opts.train)
-    for k, v in BULK_TRAIN_OVERRIDES.items():
-        if train.get(k) == SPOT_TRAIN_DEFAULTS.get(k):
-            train[k] = v
-    tc = config_from_dict(TrainConfig, {**train, "progress": progress})
+    tc = config_from_dict(TrainConfig, {**opts.train, "progress": progress})
     encoder = dict(opts.features.as_dict())
     encoder["level"] = "bulk"
     encoder["training"] = {

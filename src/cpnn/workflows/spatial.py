@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .._constants import MIXTURE_LAYER, PATIENT, PROTOTYPES, SECTION, SPATIAL, SUBPATCH_WEIGHTS, UNS, UNS_INPUT, WEIGHTS
+from .._numerics import composition_log1p
 from ..errors import CPNNInputError
 
 
@@ -512,7 +513,7 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
     weights = out["weights"]
     obs["cpnn_dominant_type"] = pd.Categorical([model.cell_types[i] for i in weights.argmax(1)],
                                                categories=model.cell_types)
-    pred = ad.AnnData(X=np.log1p(out["expression"] * 1e4).astype(np.float32), obs=obs,
+    pred = ad.AnnData(X=composition_log1p(out["expression"]).astype(np.float32), obs=obs,
                       var=pd.DataFrame(index=pd.Index(model.genes, name="gene")))
     pred.obsm[SPATIAL] = np.asarray(a.obsm[SPATIAL], dtype=np.float64)
     pred.obsm[WEIGHTS] = weights.astype(np.float32)
@@ -520,7 +521,7 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
         n, k = sample.features.shape[:2]
         pred.obsm[SUBPATCH_WEIGHTS] = raw["weights"].reshape(n, k, -1).astype(np.float32)
     if "mixture" in out:  # residual head on: X = mixture + cell-state term
-        pred.layers[MIXTURE_LAYER] = np.log1p(out["mixture"] * 1e4).astype(np.float32)
+        pred.layers[MIXTURE_LAYER] = composition_log1p(out["mixture"]).astype(np.float32)
     pred.varm[PROTOTYPES] = model.prototype_matrix().T.astype(np.float32)
     present = [g for g in model.genes if g in set(map(str, a.var_names))]
     if len(present) == len(model.genes):

@@ -12,6 +12,7 @@ from typing import Dict, Iterable, Optional, Union
 import numpy as np
 
 from .._constants import MIXTURE_LAYER, SPATIAL, UNS, WEIGHTS
+from .._numerics import composition_log1p
 from ..errors import CPNNInputError
 
 
@@ -191,18 +192,18 @@ def predict_slide(model, slide_path: Union[str, os.PathLike], mpp: Optional[floa
                        index=pd.Index([f"tile{i}" for i in range(n)], name="tile"))
     obs["cpnn_dominant_type"] = pd.Categorical([model.cell_types[i] for i in pred["weights"].argmax(1)],
                                                categories=model.cell_types)
-    adata = ad.AnnData(X=np.log1p(pred["spot_expr"] * 1e4).astype(np.float32), obs=obs,
+    adata = ad.AnnData(X=composition_log1p(pred["spot_expr"]).astype(np.float32), obs=obs,
                        var=pd.DataFrame(index=pd.Index(model.genes, name="gene")))
     adata.obsm[SPATIAL] = coords + side / 2.0
     adata.obsm[WEIGHTS] = pred["weights"].astype(np.float32)
     if "spot_expr_mixture" in pred:  # residual head on: X = mixture + cell-state term
-        adata.layers[MIXTURE_LAYER] = np.log1p(pred["spot_expr_mixture"] * 1e4).astype(np.float32)
+        adata.layers[MIXTURE_LAYER] = composition_log1p(pred["spot_expr_mixture"]).astype(np.float32)
     sid = facts["slide_id"]
     adata.uns[UNS] = {
         "cell_types": list(model.cell_types),
         "level": "slide",
         "expression": "log1p CP10k (predicted)",
-        "bulk_prediction": np.log1p(pred["bag_expr"][0] * 1e4).astype(np.float32),
+        "bulk_prediction": composition_log1p(pred["bag_expr"][0]).astype(np.float32),
         "bulk_weights": pred["bag_weights"][0].astype(np.float32),
         "slide_path": facts["path"],
         "n_tiles": int(n),
@@ -242,6 +243,9 @@ def _refuse_patch_options(enc: Dict) -> None:
 def predict_bag_streaming(model, chunks: Iterable[np.ndarray]) -> Dict[str, np.ndarray]:
     """Bulk prediction of one bag read chunk by chunk (memory does not grow with the bag).
 
+    Every ensemble member sees every chunk, and the members' outputs are averaged, exactly
+    as :meth:`cpnn.model.CPNN.predict` does (same :class:`cpnn.module.network.BagAccumulator`).
+
     Parameters
     ----------
     model
@@ -258,6 +262,9 @@ def predict_bag_streaming(model, chunks: Iterable[np.ndarray]) -> Dict[str, np.n
     """
     import torch
 
+    from ..model.cpnn_model import _add_log_residual
+    from ..module.network import BagAccumulator
+
     model._check_fitted()
     enc = dict(model.encoder or {})
     _refuse_patch_options(enc)
@@ -266,24 +273,34 @@ def predict_bag_streaming(model, chunks: Iterable[np.ndarray]) -> Dict[str, np.n
         raise CPNNInputError("streaming bag prediction does not support per-slide standardisation",
                              field="slide_standardise",
                              fix="use model.predict(standardise_slide(features, mode), bags=[0, n]) or predict_slide")
-    module = model.module
-    module.eval()
-    total = torch.zeros(module.n_genes, dtype=torch.float64)
-    wsum = torch.zeros(module.n_types, dtype=torch.float64)
-    n = 0
-    with torch.no_grad():
-        proto = module.prototype_expression()
-        for chunk in chunks:
-            x = torch.from_numpy(model.scaler.transform(np.asarray(chunk, dtype=np.float32)))
-            w = module.weights(x)
-            e = module._apply_gene_factors(w @ proto)
-            total += e.double().sum(0)
-            wsum += w.double().sum(0)
-            n += len(x)
+    for m in model.modules:
+        m.eval()
+    device = model.train_config.device
+    acc = BagAccumulator(model.modules, 1)
+    # an active residual head corrects every tile's expression; the bag is then the mean
+    # of the corrected tiles (as CPNN.predict), so those tiles' maps are needed chunk by chunk
+    residual = model.residual if model.residual is not None and model.residual.active else None
+    corrected = np.zeros(model.n_genes, dtype=np.float64)
+    for chunk in chunks:
+        raw = np.asarray(chunk, dtype=np.float32)
+        if raw.ndim != 2 or raw.shape[1] != model.scaler.in_dim:
+            raise CPNNInputError(f"feature chunk has shape {raw.shape}; the model expects (n, "
+                                 f"{model.scaler.in_dim})", field="features",
+                                 fix="extract features with the encoder the model was trained with")
+        if not len(raw):
+            continue
+        scaled = model.scaler.transform(raw)
+        res = acc.add(torch.from_numpy(scaled).to(device), torch.zeros(len(raw), dtype=torch.int64),
+                      patch_outputs=residual is not None)
+        if residual is not None:
+            spot = _add_log_residual(res[1].cpu().numpy(), residual.predict(scaled))
+            corrected += spot.astype(np.float64).sum(0)
+    n = acc.n_patches
     if n == 0:
         raise CPNNInputError("the bag has no tiles", field="features")
-    mean = total / n
-    return {"bag_expr": (mean / mean.sum()).float().numpy(), "bag_weights": (wsum / n).float().numpy(),
+    bag = acc.finish()
+    expr = bag["bag_expr"][0].numpy() if residual is None else corrected / corrected.sum()
+    return {"bag_expr": expr.astype(np.float32), "bag_weights": bag["bag_weights"][0].float().numpy(),
             "n_tiles": n}
 
 
