@@ -10,7 +10,7 @@ run end to end offline::
       gdc_sample_sheet.tsv        # File ID, File Name, Data Category, ..., Case ID, Sample ID, Sample Type
       features/{slide}.h5         # TRIDENT/CLAM layout: features (N, D), coords (N, 2) + attrs
       slides/{slide}.tif          # optional small pyramidal TIFFs (write_slides=True)
-      reference.h5ad              # single-cell reference (raw counts, obs 'cell_type', 'batch')
+      reference.h5ad              # single-cell reference (raw counts, obs 'cell_type', 'batch', QC done)
       truth.json                  # barcodes, the bad cases, true slide compositions
 
 Slide names follow TCGA (``TCGA-XS-A001-01Z-00-DX1.{uuid}``), RNA samples too
@@ -229,7 +229,11 @@ def write_tcga_cohort(out_dir: os.PathLike | str, n_patients: int = 10, seed: in
     sheet = root / "gdc_sample_sheet.tsv"
     with atomic_path(sheet, suffix=".tsv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, sep="\t", index=False)
-    ref = cohort.reference.copy()
+    from ..prototypes import reference_qc
+
+    # QC'd here with a floor suited to a 200-gene panel (as `cpnn demo` does); the record in
+    # uns makes `cpnn fit` skip its own QC, whose 200-genes-per-cell floor is for whole transcriptomes
+    ref = reference_qc(cohort.reference, "cell_type", min_genes=10)
     ref.var["gene_ids"] = [ensembl_id(cohort.genes.index(g)).split(".")[0] if g in cohort.genes
                            else f"ENSG{9000000000 + j:011d}" for j, g in enumerate(ref.var_names)]
     ref_path = root / "reference.h5ad"
