@@ -160,7 +160,8 @@ def write_tcga_cohort(out_dir: os.PathLike | str, n_patients: int = 10, seed: in
         Dimension of the synthetic tile features and the standard deviation of their
         noise (see the module docstring).
     write_slides
-        Also write each slide as a small pyramidal TIFF under ``slides/``.
+        Also write each slide as a small pyramidal TIFF under ``slides/`` (needs
+        ``image_px >= 800``: the tissue detector drops pieces under 20,000 µm²).
 
     Returns
     -------
@@ -175,6 +176,9 @@ def write_tcga_cohort(out_dir: os.PathLike | str, n_patients: int = 10, seed: in
                              fix="pass n_patients >= 6 (three patients carry the bad cases)")
     if tile_px < 16 or image_px % tile_px:
         raise CPNNInputError(f"tile_px {tile_px} must be >= 16 and divide image_px {image_px}", field="tile_px")
+    if write_slides and image_px < 800:
+        raise CPNNInputError(f"slides of {image_px} px (0.5 µm/px) are too small for the tissue detector",
+                             field="image_px", fix="use image_px >= 800 (e.g. 1024) with write_slides=True")
     root = Path(out_dir)
     n_slides = n_patients + 1  # the first patient has a second slide
     cohort = make_synthetic_cohort(n_slides=n_slides, n_patients=n_slides, n_types=n_types, n_genes=n_genes,

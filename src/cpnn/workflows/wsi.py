@@ -236,25 +236,26 @@ def predict_bag_streaming(model, chunks: Iterable[np.ndarray]) -> Dict[str, np.n
     import torch
 
     model._check_fitted()
-    module = model.module
-    module.eval()
-    total = torch.zeros(module.n_genes, dtype=torch.float64)
-    wsum = torch.zeros(module.n_types, dtype=torch.float64)
+    members = list(model.modules)  # an ensemble: every member, averaged as CPNN.predict does
+    for m in members:
+        m.eval()
+    total = torch.zeros((len(members), members[0].n_genes), dtype=torch.float64)
+    wsum = torch.zeros((len(members), members[0].n_types), dtype=torch.float64)
     n = 0
     with torch.no_grad():
-        proto = module.prototype_expression()
+        protos = [m.prototype_expression() for m in members]
         for chunk in chunks:
             x = torch.from_numpy(model.scaler.transform(np.asarray(chunk, dtype=np.float32)))
-            w = module.weights(x)
-            e = module._apply_gene_factors(w @ proto)
-            total += e.double().sum(0)
-            wsum += w.double().sum(0)
+            for j, (module, proto) in enumerate(zip(members, protos)):
+                w = module.weights(x)
+                total[j] += module._apply_gene_factors(w @ proto).double().sum(0)
+                wsum[j] += w.double().sum(0)
             n += len(x)
     if n == 0:
         raise CPNNInputError("the bag has no tiles", field="features")
     mean = total / n
-    return {"bag_expr": (mean / mean.sum()).float().numpy(), "bag_weights": (wsum / n).float().numpy(),
-            "n_tiles": n}
+    expr = (mean / mean.sum(1, keepdim=True)).mean(0)
+    return {"bag_expr": expr.float().numpy(), "bag_weights": (wsum / n).mean(0).float().numpy(), "n_tiles": n}
 
 
 def iter_feature_file(path: Union[str, os.PathLike], chunk: int = 16384):
