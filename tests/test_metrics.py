@@ -16,15 +16,29 @@ def test_per_gene_correlations_match_scipy():
         assert out["scc"][g] == pytest.approx(stats.spearmanr(pred[:, g], true[:, g])[0], abs=1e-10)
 
 
-def test_constant_genes_are_counted_not_scored():
+def test_constant_prediction_scores_zero_in_the_mean():
     rng = np.random.default_rng(2)
     true = rng.normal(size=(20, 4))
     pred = true.copy()
-    pred[:, 1] = 3.0
+    pred[:, 1] = 3.0  # the method gave up on gene 1: it must cost the method, not vanish
+    m = expression_metrics(pred, true)
+    assert m["n_genes_scored"] == 4 and m["n_genes_constant_prediction"] == 1
+    assert m["n_genes_constant"] == 0
+    assert m["pcc_mean"] == pytest.approx(0.75) and m["scc_mean"] == pytest.approx(0.75)
+    assert m["per_gene"]["pcc"][1] == 0.0
+    assert m["n_significant"] == 3
+
+
+def test_genes_constant_in_the_truth_are_counted_not_scored():
+    rng = np.random.default_rng(2)
+    true = rng.normal(size=(20, 4))
+    true[:, 2] = 0.0  # not expressed in any test spot: no method can be scored on it
+    pred = true + 0.1 * rng.normal(size=(20, 4))
     m = expression_metrics(pred, true)
     assert m["n_genes_constant"] == 1 and m["n_genes_scored"] == 3
-    assert m["pcc_mean"] == pytest.approx(1.0)
-    assert m["n_significant"] == 3
+    assert m["n_genes_constant_prediction"] == 0
+    assert np.isnan(m["per_gene"]["pcc"][2])
+    assert m["pcc_mean"] > 0.9
 
 
 def test_benjamini_hochberg_matches_manual():

@@ -7,6 +7,9 @@ The protocol, enforced here rather than left to the user:
 * gene panels are computed per fold from the training observations only;
 * each method gets the training part (with the fold's validation part marked, for early
   stopping) and the test *features* only — never the test targets;
+* a method entry's ``candidates`` (option -> list of values) are chosen per outer fold by
+  inner folds over that fold's training groups only (:mod:`cpnn.evaluate.selection`);
+  ``results.csv`` says what each fold chose, ``selection.json`` every inner score;
 * every method is scored on the same target: per gene, Pearson and Spearman across the
   test observations of log1p CP10k, then mean / median over genes, constant genes
   counted, genes with significant positive Pearson (BH q < 0.05) counted;
@@ -34,6 +37,7 @@ from ..errors import CPNNInputError
 from .genesets import kmeans_labels, read_gene_list, select_gene_set
 from .methods import MethodContext, TestData, TrainData, get_method
 from .metrics import composition_agreement, expression_metrics, to_log1p_cp10k
+from .selection import DEFAULT_SELECTION, Selection, candidate_grid, describe, select
 
 #: stereoscope's ``major`` names in HER2ST vs ``celltype_major`` of the Wu et al. atlas
 HER2ST_MAJOR_MAPPING = {"Cancer Epithelial": "Epithelial", "Normal Epithelial": "Epithelial",
@@ -48,6 +52,7 @@ DEFAULTS: Dict[str, Any] = {
     "gene_sets": [{"name": "top250_expressed", "kind": "top_expressed", "n": 250}],
     "methods": [{"name": "cpnn", "kind": "cpnn"}, {"name": "ridge_cv", "kind": "ridge", "alphas": "cv"}],
     "evaluation": {"min_counts": 1, "figures": True, "map_genes": 3},
+    "selection": dict(DEFAULT_SELECTION),
 }
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -97,8 +102,23 @@ def resolve_config(cfg: Dict[str, Any], data_dir: Optional[str] = None) -> Dict[
     names = [m.get("name") for m in out["methods"]]
     if any(not n for n in names) or len(set(names)) != len(names):
         raise CPNNInputError(f"every method needs a unique name (got {names})", field="methods[].name")
+    sel = out["selection"]
+    unknown = set(sel) - set(DEFAULT_SELECTION)
+    if unknown:
+        raise CPNNInputError(f"unknown selection option(s) {sorted(unknown)}", field="selection",
+                             fix=f"use {', '.join(DEFAULT_SELECTION)}")
+    if int(sel["max_inner_folds"]) < 2:
+        raise CPNNInputError(f"selection.max_inner_folds must be >= 2, got {sel['max_inner_folds']}",
+                             field="selection.max_inner_folds", fix="use e.g. 4")
     for m in out["methods"]:
         get_method(m.get("kind", ""))
+        cands = m.get("candidates") or {}
+        clash = {"name", "kind", "candidates"} & set(cands)
+        if clash:
+            raise CPNNInputError(f"method {m.get('name')}: {sorted(clash)} cannot be a candidate option",
+                                 field=f"methods[{m.get('name')}].candidates")
+        candidate_grid(cands, where=f"methods[{m.get('name')}].candidates",
+                       max_candidates=int(sel["max_candidates"]))
     gnames = [g.get("name") for g in out["gene_sets"]]
     if any(not n for n in gnames) or len(set(gnames)) != len(gnames):
         raise CPNNInputError(f"every gene set needs a unique name (got {gnames})", field="gene_sets[].name")
@@ -497,6 +517,10 @@ def run_benchmark(
                "context_rings": feat_cfg.get("context_rings"), "subpatch_grid": feat_cfg.get("subpatch_grid")}
     rows, gene_rows, gene_sets_used = [], [], {}
     predictions: Dict[tuple, np.ndarray] = {}
+    sel_cfg = {**DEFAULT_SELECTION, **(cfg.get("selection") or {})}
+    grids = {m["name"]: candidate_grid(m.get("candidates") or {}, max_candidates=int(sel_cfg["max_candidates"]))
+             for m in method_cfgs}
+    selections: Dict[tuple, Selection] = {}
     cand_pos = {g: i for i, g in enumerate(candidates)}
     for fold in splits:
         if folds is not None and fold["fold"] not in folds:
@@ -533,11 +557,29 @@ def run_benchmark(
                 encoder=encoder, progress=False,
             )
             for m in method_cfgs:
-                opts = {k: v for k, v in m.items() if k not in ("name", "kind")}
+                opts = {k: v for k, v in m.items() if k not in ("name", "kind", "candidates")}
+                selected: Optional[Selection] = None
+                if len(grids[m["name"]]) > 1:
+                    # chosen once per outer fold (on the first gene set), from the training groups only
+                    skey = (m["name"], int(fold["fold"]))
+                    if skey not in selections:
+                        log(f"fold {fold['fold']} {gs['name']} {m['name']}: nested selection among "
+                            f"{len(grids[m['name']])} candidates on the training groups "
+                            f"({', '.join(sorted(set(map(str, train.groups))))}) ...")
+                        selections[skey] = select(
+                            grids[m["name"]],
+                            _inner_scorer(m["kind"], opts, train, ctx, cache, genes, dec_key,
+                                          (y_all[tri], totals[tri], candidates) if wants_more_genes else None),
+                            train.groups, metric=sel_cfg["metric"], max_inner_folds=int(sel_cfg["max_inner_folds"]),
+                            seed=seed, val_fraction=float(cfg["split"].get("val_fraction", 0.2)), log=log)
+                    selected = selections[skey]
+                    opts = {**opts, **selected.choice}
+                    log(f"fold {fold['fold']} {gs['name']} {m['name']}: chose {describe(selected.choice)} "
+                        f"(inner {selected.metric} {selected.score:.3f})")
                 log(f"fold {fold['fold']} (test {','.join(fold['test_groups'])}) {gs['name']} {m['name']}: "
                     f"training on {len(tri)} observations, predicting {len(tei)} ...")
                 t0 = time.perf_counter()
-                pred = get_method(m["kind"])(train, test, ctx, **opts)
+                pred = _call_method(m["kind"], opts, train, test, ctx)
                 secs = time.perf_counter() - t0
                 expr = np.asarray(pred.expression, dtype=np.float64)
                 if expr.shape != truth.shape:
@@ -549,7 +591,9 @@ def run_benchmark(
                        "n_train": int((~val_mask[keep_tr]).sum()), "n_val": int(val_mask[keep_tr].sum()),
                        "n_test": int(keep_te.sum()), "n_test_dropped": int((~keep_te).sum()),
                        **{k: v for k, v in met.items() if k != "per_gene"},
-                       "composition_mean": np.nan, "composition_n_types": 0, "seconds": round(secs, 2)}
+                       "composition_mean": np.nan, "composition_n_types": 0, "seconds": round(secs, 2),
+                       "selected": describe(selected.choice) if selected else "",
+                       "inner_score": selected.score if selected else np.nan}
                 if pred.weights is not None and ref_props is not None:
                     parents = cache.parent_types(m.get("label") or cache.cfg.get("label", "celltype_major"),
                                                  pcfg.get("reference_label") or cache.cfg.get("label", "celltype_major"))
@@ -580,6 +624,8 @@ def run_benchmark(
         "n_candidate_genes": len(candidates), "n_genes_measured_everywhere": n_candidates_all,
         "composition_mapping": mapping, "data_kind": cfg["data"]["kind"],
     }
+    meta["selection"] = {"metric": sel_cfg["metric"], "max_inner_folds": int(sel_cfg["max_inner_folds"]),
+                         "methods": [m["name"] for m in method_cfgs if len(grids[m["name"]]) > 1]}
     res = BenchmarkResult(results, per_gene, splits, gene_sets_used, meta, predictions)
     if out is not None:
         from ..utils import atomic_path
@@ -589,6 +635,9 @@ def run_benchmark(
         with atomic_path(out / "per_gene.csv") as tmp:
             per_gene.to_csv(tmp, index=False)
         write_json(out / "gene_sets.json", gene_sets_used)
+        if selections:
+            write_json(out / "selection.json", {m: {str(f): v.to_dict() for (mm, f), v in selections.items() if mm == m}
+                                                for m in dict.fromkeys(k[0] for k in selections)})
         if report:
             from .report import write_report
 
@@ -597,6 +646,34 @@ def run_benchmark(
         write_json(out / "meta.json", meta)
         log(f"wrote {out / 'results.csv'} and {out / 'report.md'} ({meta['seconds_total']:.0f} s)")
     return res
+
+
+def _call_method(kind: str, opts: Dict[str, Any], train: TrainData, test: TestData, ctx: MethodContext):
+    return get_method(kind)(train, test, ctx, **opts)
+
+
+def _inner_scorer(kind: str, opts: Dict[str, Any], train: TrainData, ctx: MethodContext, cache,
+                  genes: Sequence[str], dec_key: tuple, more: Optional[tuple]):
+    """``train_and_score`` of :func:`cpnn.evaluate.selection.select` for one method on one
+    outer fold: every array comes from ``train`` (the outer training part), never the test fold."""
+    from dataclasses import replace
+
+    def score(choice: Dict[str, Any], itr: np.ndarray, ival: np.ndarray, ite: np.ndarray, k: int) -> Dict[str, float]:
+        sub = TrainData(train.features[itr], train.counts[itr], train.groups[itr], ival, [train.ids[i] for i in itr])
+        if more is not None:
+            y_tr, tot_tr, candidates = more
+            sub.more_genes, sub.more_counts = _more_training_genes(y_tr[itr], tot_tr[itr], candidates, genes)
+        held = TestData(train.features[ite], train.groups[ite], [train.ids[i] for i in ite])
+        # deconvolutions are cached per row set: an inner fold has its own key
+        ictx = replace(ctx, deconvolution=lambda protos, counts, _k=dec_key + ("inner", k), **kw:
+                       cache.deconvolution(_k, protos, counts, **kw))
+        pred = _call_method(kind, {**opts, **choice}, sub, held, ictx)
+        met = expression_metrics(np.asarray(pred.expression, dtype=np.float64), to_log1p_cp10k(train.counts[ite]),
+                                 genes)
+        met.pop("per_gene", None)
+        return met
+
+    return score
 
 
 def _counts(adata, genes: Sequence[str]) -> np.ndarray:

@@ -1,8 +1,10 @@
 """Per-gene correlation metrics across held-out observations (METHOD.md §5).
 
 Every method is scored on the same target: log1p CP10k of the measured counts, per gene
-across test observations, then the mean and the median over genes. Genes constant in
-the truth or in the prediction have no correlation; they are counted, not hidden.
+across test observations, then the mean and the median over genes. A gene the method predicts as
+a constant (while the truth varies) scores 0 in the mean: a model cannot raise its mean by
+giving up on hard genes. Genes constant in the truth cannot be scored by any method; they
+are left out of the mean and counted.
 """
 from __future__ import annotations
 
@@ -100,14 +102,25 @@ def expression_metrics(
     Returns
     -------
     dict
-        ``pcc_mean, pcc_median, scc_mean, scc_median`` (over genes with a defined
-        correlation), ``n_genes``, ``n_genes_scored``, ``n_genes_constant``,
-        ``n_significant`` and ``per_gene`` (dict of lists: gene, pcc, scc).
+        ``pcc_mean, pcc_median, scc_mean, scc_median`` over the genes whose truth
+        varies (a constant prediction of such a gene counts as r = 0), ``n_genes``,
+        ``n_genes_scored``, ``n_genes_constant`` (constant in the truth: not scored),
+        ``n_genes_constant_prediction`` (scored as 0), ``n_significant`` and
+        ``per_gene`` (dict of lists: gene, pcc, scc; NaN where the truth is constant).
     """
     cors = per_gene_correlations(pred, true)
     pcc, scc = cors["pcc"], cors["scc"]
-    scored = np.isfinite(pcc) & np.isfinite(scc)
-    q = benjamini_hochberg(np.where(scored, _positive_correlation_pvalues(pcc, pred.shape[0]), np.nan))
+    true = np.asarray(true, dtype=np.float64)
+    spread = true.max(axis=0) - true.min(axis=0)
+    truth_varies = spread > 1e-12 * max(1.0, float(np.abs(true).max(initial=0.0)))
+    # the truth varies but the prediction gives no correlation: a constant prediction,
+    # counted as r = 0 rather than dropped from the mean
+    pred_constant = truth_varies & ~(np.isfinite(pcc) & np.isfinite(scc))
+    pcc = np.where(pred_constant, 0.0, pcc)
+    scc = np.where(pred_constant, 0.0, scc)
+    scored = truth_varies
+    pvals = _positive_correlation_pvalues(pcc, pred.shape[0])
+    q = benjamini_hochberg(np.where(scored & ~pred_constant, pvals, np.where(scored, 1.0, np.nan)))
     names = list(genes) if genes is not None else [str(i) for i in range(pcc.size)]
 
     def _agg(fn, v):
@@ -123,6 +136,7 @@ def expression_metrics(
         "n_genes": int(pcc.size),
         "n_genes_scored": int(scored.sum()),
         "n_genes_constant": int((~scored).sum()),
+        "n_genes_constant_prediction": int(pred_constant.sum()),
         "n_significant": int(np.nansum(q < q_threshold)),
         "per_gene": {"gene": names, "pcc": pcc.tolist(), "scc": scc.tolist()},
     }

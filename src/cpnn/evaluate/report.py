@@ -9,7 +9,7 @@ import pandas as pd
 
 SUMMARY_COLUMNS = [("pcc_mean", "Pearson mean", 3), ("pcc_median", "Pearson median", 3),
                    ("scc_mean", "Spearman mean", 3), ("scc_median", "Spearman median", 3),
-                   ("n_significant", "genes q<0.05", 0), ("n_genes_constant", "constant genes", 0),
+                   ("n_significant", "genes q<0.05", 0), ("n_genes_constant_prediction", "constant predictions (r = 0)", 0),
                    ("composition_mean", "composition r", 3)]
 
 
@@ -58,6 +58,26 @@ def markdown_per_fold(results: pd.DataFrame) -> List[str]:
         comp = f"{r['composition_mean']:.3f}" if np.isfinite(r["composition_mean"]) else "–"
         lines.append(f"| {r['gene_set']} | {r['fold']} ({r['test_groups']}) | {r['method']} | {r['n_test']} | "
                      f"{r['pcc_mean']:.3f} | {r['scc_mean']:.3f} | {r['n_significant']}/{r['n_genes_scored']} | {comp} |")
+    return lines
+
+
+def markdown_selection(results: pd.DataFrame, metric: str = "scc_mean") -> List[str]:
+    """What nested selection chose per method and outer fold (first gene set), with the mean
+    inner score that chose it and the outer score it then got."""
+    if "selected" not in results or not (results["selected"].fillna("") != "").any():
+        return []
+    rows = results[results["selected"].fillna("") != ""]
+    first_gs = rows["gene_set"].iloc[0]
+    rows = rows[rows["gene_set"] == first_gs]
+    lines = [f"Chosen per outer fold on `{first_gs}` by inner folds over that fold's training groups only "
+             f"(`selection.json` has every candidate's inner scores); the same choice is used for every gene set.",
+             "", f"| method | fold | test | chosen | inner {metric} | outer {metric} |", "|---|---|---|---|---|---|"]
+    for _, r in rows.iterrows():
+        lines.append(f"| {r['method']} | {r['fold']} | {r['test_groups']} | `{r['selected']}` | "
+                     f"{r['inner_score']:.3f} | {r[metric]:.3f} |")
+    counts = rows.groupby("method")["selected"].agg(lambda v: v.value_counts().to_dict())
+    lines += ["", "Most often chosen: " + "; ".join(
+        f"{m}: " + ", ".join(f"`{k}` ×{n}" for k, n in c.items()) for m, c in counts.items()) + ".", ""]
     return lines
 
 
@@ -201,14 +221,15 @@ def write_report(out: Path, res, cfg: Dict[str, Any], data) -> Path:
         f"- {split_txt} Scheme: {sp['scheme']}; splits in `splits.json`.",
         f"- Early stopping uses a validation part of the training folds (val_fraction {sp.get('val_fraction')}, "
         "whole groups when at least 3 training groups remain); the ridge penalty is chosen by inner "
-        "cross-validation over training groups. No choice of any kind is made on the test fold: methods "
-        "receive the test features only.",
+        "cross-validation over training groups; options listed as `candidates` are chosen per fold by inner "
+        "folds over that fold's training groups (see *Nested selection*). No choice of any kind is made on the "
+        "test fold: methods receive the test features only.",
         f"- Gene sets, computed per fold from the training spots only, among the {m['n_candidate_genes']} genes "
         f"measured in every sample{' and present in the single-cell reference' if m['n_candidate_genes'] < m['n_genes_measured_everywhere'] else ''}:",
         *gs_lines,
         "- Metric: per gene, Pearson and Spearman across the test spots of log1p CP10k (normalised over the "
-        "gene set), then mean and median over genes; genes constant in truth or prediction are counted, not "
-        "scored; *genes q<0.05* = genes with a significant positive Pearson (one-sided, Benjamini–Hochberg).",
+        "gene set), then mean and median over genes; a gene predicted as a constant scores 0, genes constant in "
+        "the test truth are left out (no method can be scored on them); *genes q<0.05* = genes with a significant positive Pearson (one-sided, Benjamini–Hochberg).",
         "- Composition r: per cell type, Pearson across test spots between predicted weight and reference "
         "proportion, mean over types" + (f" (types mapped: {m['composition_mapping']})" if m['composition_mapping'] else "")
         + ".",
@@ -226,6 +247,9 @@ def write_report(out: Path, res, cfg: Dict[str, Any], data) -> Path:
         "</details>",
         "",
     ]
+    sel_lines = markdown_selection(res.results, (res.meta.get("selection") or {}).get("metric", "scc_mean"))
+    if sel_lines:
+        lines += ["## Nested selection", "", *sel_lines]
     if figs:
         lines += ["## Figures", ""]
         for key, cap in (("boxplot", "Per-gene Pearson per method"), ("scatter", "Per-gene Pearson, two methods"),

@@ -1,0 +1,178 @@
+"""Nested selection in ``cpnn benchmark``: candidates are chosen per outer fold on inner
+folds of that fold's training groups, and no choice can see the outer test fold."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cpnn.errors import CPNNInputError
+from cpnn.evaluate.benchmark import BenchmarkData, resolve_config, run_benchmark
+from cpnn.evaluate.methods import _METHODS, MethodOutput, register_method
+from cpnn.evaluate.metrics import to_log1p_cp10k
+from cpnn.evaluate.selection import candidate_grid, inner_splits, select
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    from cpnn.data.synthetic import make_synthetic_cohort
+
+    # 8 sections of 4 patients: each outer fold keeps 3 training patients -> 3 inner folds
+    return make_synthetic_cohort(n_slides=8, n_types=4, n_genes=50, image_px=512, spot_pitch_um=40,
+                                 spot_diameter_um=40, n_ref_cells=300, seed=1)
+
+
+def _samples(cohort, dim=16, noise=0.3, seed=0):
+    from cpnn._constants import TRUE_PROPORTIONS
+    from cpnn.workflows.spatial import SpatialSample
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(len(cohort.cell_types), dim))
+    out = []
+    for sl in cohort.slides:
+        p = np.asarray(sl.spots.obsm[TRUE_PROPORTIONS])
+        f = (p @ w + noise * rng.normal(size=(len(p), dim))).astype(np.float32)
+        out.append(SpatialSample(sl.slide_id, sl.spots.copy(), f))
+    return out
+
+
+def _counts_by_id(samples):
+    """id -> (gene -> count) of every observation (the spy's oracle knowledge)."""
+    table = {}
+    for s in samples:
+        x = np.asarray(s.adata.X.toarray() if hasattr(s.adata.X, "toarray") else s.adata.X, dtype=np.float64)
+        frame = pd.DataFrame(x, index=[f"{s.sample_id}:{o}" for o in map(str, s.adata.obs_names)],
+                             columns=list(map(str, s.adata.var_names)))
+        table[s.sample_id] = frame
+    return pd.concat(table.values())
+
+
+@pytest.fixture()
+def spy(cohort):
+    """A method kind whose ``mode: oracle`` predicts the exact truth on one patient's
+    spots (noise elsewhere) and ``mode: honest`` predicts truth + noise everywhere; every
+    call records the ids it was given."""
+    samples = _samples(cohort)
+    counts = _counts_by_id(samples)
+    patient_of = {sl.slide_id: sl.patient_id for sl in cohort.slides}
+    calls = []
+    state = {"oracle_patient": None}
+
+    @register_method("spy")
+    def run_spy(train, test, ctx, /, mode="honest", **_):
+        calls.append({"fold": ctx.fold, "mode": mode, "train": set(train.ids), "test": set(test.ids)})
+        truth = to_log1p_cp10k(counts.loc[list(test.ids), list(ctx.genes)].to_numpy())
+        rng = np.random.default_rng(len(calls))
+        if mode == "oracle":
+            planted = np.array([patient_of[i.split(":")[0]] == state["oracle_patient"] for i in test.ids])
+            pred = np.where(planted[:, None], truth, rng.normal(size=truth.shape))
+        else:
+            pred = truth + 1.5 * rng.normal(size=truth.shape)
+        return MethodOutput(expression=pred)
+
+    yield samples, calls, state, patient_of
+    _METHODS.pop("spy", None)
+
+
+def _cfg(methods, **over):
+    cfg = {
+        "data": {"kind": "synthetic"},
+        "split": {"by": "patient", "scheme": "leave_one_group_out", "val_fraction": 0.2},
+        "reference": {"label": "cell_type", "qc": {"min_genes": 10}},
+        "gene_sets": [{"name": "top30", "kind": "top_expressed", "n": 30},
+                      {"name": "var20", "kind": "top_variable", "n": 20}],
+        "methods": methods,
+        "evaluation": {"figures": False},
+    }
+    cfg.update(over)
+    return resolve_config(cfg)
+
+
+def test_no_choice_sees_the_outer_test_fold_and_a_test_only_oracle_is_not_chosen(spy, cohort, tmp_path):
+    samples, calls, state, patient_of = spy
+    cfg = _cfg([{"name": "spy", "kind": "spy", "candidates": {"mode": ["oracle", "honest"]}}])
+    splits_patients = sorted(set(patient_of.values()))
+    state["oracle_patient"] = splits_patients[0]  # the outer test patient of fold 0 (sorted groups)
+    res = run_benchmark(BenchmarkData(samples, reference=cohort.reference), cfg, tmp_path / "b", progress=False)
+
+    saved = json.loads((tmp_path / "b" / "splits.json").read_text())
+    outer_test = {f["fold"]: set(f["test_ids"]) for f in saved["folds"]}
+    assert saved["folds"][0]["test_groups"] == [state["oracle_patient"]]
+    n_final = 0
+    for c in calls:
+        held = outer_test[c["fold"]]
+        assert not (c["train"] & held), "a call trained on the outer test fold"
+        if c["test"] == held:
+            n_final += 1  # the one outer prediction per gene set, after the choice
+        else:
+            assert not (c["test"] & held), "a selection call was scored on the outer test fold"
+    assert n_final == len(saved["folds"]) * 2
+
+    r = res.results
+    fold0 = r[(r["fold"] == 0)]
+    # scored on the outer test fold the oracle would win fold 0 by far; nested selection
+    # never sees that fold, and on the inner folds the oracle is noise
+    assert set(fold0["selected"]) == {json.dumps({"mode": "honest"})}
+    assert np.isfinite(r["inner_score"]).all()
+    assert r.groupby("fold")["selected"].nunique().max() == 1  # one choice per fold, reused per gene set
+
+    sel = json.loads((tmp_path / "b" / "selection.json").read_text())
+    assert set(sel["spy"]) == {"0", "1", "2", "3"}
+    f0 = sel["spy"]["0"]
+    assert len(f0["table"]) == 2 and all(len(t["folds"]) == 3 for t in f0["table"])
+    assert state["oracle_patient"] not in sum(f0["inner_test_groups"], [])
+
+
+def test_ties_keep_the_first_candidate_and_scores_are_inner_means():
+    groups = np.repeat(["a", "b", "c"], 5)
+    seen = []
+
+    def score(opts, tr, val, te, k):
+        seen.append((opts["x"], k, set(groups[te])))
+        return {"scc_mean": {1: 0.5, 2: 0.5, 3: 0.2}[opts["x"]] + 0.1 * k}
+
+    s = select(candidate_grid({"x": [1, 2, 3]}), score, groups, max_inner_folds=4)
+    assert s.choice == {"x": 1}
+    assert s.score == pytest.approx(0.5 + 0.1)
+    assert {frozenset(g) for _, _, g in seen} == {frozenset({"a"}), frozenset({"b"}), frozenset({"c"})}
+
+
+def test_inner_splits_use_grouped_k_fold_beyond_max_inner_folds():
+    groups = np.repeat(list("abcdef"), 4)
+    folds = inner_splits(groups, max_inner_folds=3, seed=0, val_fraction=0.0)
+    assert len(folds) == 3
+    held = [set(groups[f["test"]]) for f in folds]
+    assert set().union(*held) == set("abcdef") and sum(map(len, held)) == 6
+
+
+def test_real_method_candidates_are_chosen_and_reported(cohort, tmp_path):
+    samples = _samples(cohort)
+    cfg = _cfg([{"name": "ridge", "kind": "ridge", "alphas": "cv",
+                 "candidates": {"n_components": [2, 12]}}], selection={"max_inner_folds": 2})
+    res = run_benchmark(BenchmarkData(samples, reference=cohort.reference), cfg, tmp_path / "r", progress=False)
+    chosen = set(res.results["selected"])
+    assert chosen <= {json.dumps({"n_components": 2}), json.dumps({"n_components": 12})}
+    sel = json.loads((tmp_path / "r" / "selection.json").read_text())
+    assert all(len(v["table"][0]["folds"]) == 2 for v in sel["ridge"].values())
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "## Nested selection" in report and "n_components" in report
+
+
+@pytest.mark.parametrize("methods, selection, field", [
+    ([{"name": "r", "kind": "ridge", "candidates": {"n_components": 4}}], None, "candidates.n_components"),
+    ([{"name": "r", "kind": "ridge", "candidates": {"n_components": []}}], None, "candidates.n_components"),
+    ([{"name": "r", "kind": "ridge", "candidates": {"kind": ["mlp"]}}], None, "candidates"),
+    ([{"name": "r", "kind": "ridge"}], {"max_inner_fold": 3}, "selection"),
+    ([{"name": "r", "kind": "ridge"}], {"metric": "r2"}, None),
+])
+def test_bad_candidates_are_clear_errors(methods, selection, field):
+    over = {"selection": selection} if selection else {}
+    if field is None:  # an unknown metric is refused when selection runs
+        with pytest.raises(CPNNInputError, match="selection metric"):
+            select([{"a": 1}, {"a": 2}], lambda *a: {}, np.array(["x", "y"]), metric=selection["metric"])
+        return
+    with pytest.raises(CPNNInputError) as err:
+        _cfg(methods, **over)
+    assert field in str(err.value)
