@@ -334,6 +334,95 @@ def feature_record(path: Path, attrs: Dict[str, Any], dim: int) -> Dict[str, Any
             "context_rings": 0.0, "subpatch_grid": 1, "dim": int(dim)}
 
 
+# --------------------------------------------------------------------------- bags
+@dataclass
+class SlideBags:
+    """Matched bulk samples and their slide bags, genes named as in the reference.
+
+    Attributes
+    ----------
+    adata
+        Samples with a slide x mapped genes: raw counts in ``X``, ``obs`` ``patient``,
+        ``sample``, ``slides`` (``;``-joined), ``n_tiles``.
+    bags
+        One ``(n_tiles, D)`` array per sample: the tiles of all its slides.
+    record
+        The features' encoder record (:func:`feature_record`).
+    matching, gene_report
+        What was matched / left out, and how genes were mapped.
+    """
+
+    adata: Any
+    bags: List[np.ndarray]
+    record: Dict[str, Any]
+    matching: Matching
+    gene_report: Dict[str, Any]
+
+
+def _dense(x) -> np.ndarray:
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+
+
+def load_slide_bags(bulk, reference, sample_sheet=None, features_dir=None, slides=None, spec=None,
+                    mpp: Optional[float] = None, cache_dir=None, progress: bool = True) -> SlideBags:
+    """Read bulk RNA-seq and slide features, match them and build one bag per sample.
+
+    The matching lines (what is pooled, what is left out) are printed always.
+
+    Parameters
+    ----------
+    bulk, sample_sheet
+        See :func:`read_bulk_input`.
+    reference
+        Single-cell reference or prototypes file whose gene names the genes are mapped to.
+    features_dir, slides, spec, mpp, cache_dir
+        See :func:`slide_feature_files`.
+    """
+    import anndata as ad
+
+    from ..data.genes import looks_like_ensembl
+
+    ref_var = reference_gene_table(reference)
+    if progress:
+        print(f"reading bulk RNA-seq from {bulk}", flush=True)
+    adata = read_bulk_input(bulk, sample_sheet, ensembl=looks_like_ensembl(list(ref_var.index)))
+    files = slide_feature_files(features_dir, slides, spec, mpp, cache_dir=cache_dir, progress=progress)
+    matching = match_slides(list(files), adata)
+    for line in matching.lines():  # also with --no-progress: what is left out is never silent
+        print(line, flush=True)
+    t_idx, ref_names, gene_report = map_genes_to_reference(list(map(str, adata.var_names)), ref_var, where=bulk)
+    samples = list(matching.bags)
+    bags, record, n_tiles = [], None, []
+    for s in samples:
+        parts = []
+        for sid in matching.bags[s]:
+            ff = _read_tiles(files[sid])
+            rec = feature_record(files[sid], ff.attrs, ff.features.shape[1])
+            if record is None:
+                record = rec
+            elif rec["dim"] != record["dim"] or (rec["name"] and record["name"] and rec["name"] != record["name"]):
+                raise CPNNInputError(f"features of {sid} ({rec['name']}, {rec['dim']} dims) differ from the first "
+                                     f"slide's ({record['name']}, {record['dim']} dims)", path=files[sid],
+                                     field="features", fix="use features of one encoder for every slide")
+            parts.append(ff.features)
+        bags.append(np.concatenate(parts))
+        n_tiles.append(len(bags[-1]))
+    obs = adata.obs.loc[samples, [PATIENT, SAMPLE]].copy()
+    obs["slides"] = [";".join(matching.bags[s]) for s in samples]
+    obs["n_tiles"] = n_tiles
+    X = _dense(adata[samples].X)[:, t_idx] if samples else np.zeros((0, len(t_idx)))
+    out = ad.AnnData(X=X.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(ref_names)))
+    return SlideBags(out, bags, dict(record or {}), matching, gene_report)
+
+
+def as_bag_array(bags: Sequence[np.ndarray]) -> np.ndarray:
+    """A 1-D object array of bags (fancy indexing works; equal-sized bags are not merged)."""
+    arr = np.empty(len(bags), dtype=object)
+    for i, b in enumerate(bags):
+        arr[i] = b
+    return arr
+
+
 # --------------------------------------------------------------------------- fit
 def choose_genes(counts: np.ndarray, names: Sequence[str], panel: Optional[Sequence[str]], n_top: int) -> List[str]:
     """A given panel (those mapped), or the ``n_top`` genes of highest mean CP10k."""
@@ -387,58 +476,36 @@ def run_bulk_fit(opts, out: Path, bulk: str, sample_sheet=None, features_dir=Non
     out.mkdir(parents=True, exist_ok=True)
     inputs = {"bulk": str(bulk), "sample_sheet": None if sample_sheet is None else str(sample_sheet),
               "features": None if features_dir is None else str(features_dir), "slides": slides, "mpp": mpp}
-    ref_var = reference_gene_table(opts.reference)
-    from ..data.genes import looks_like_ensembl
-
-    say(f"reading bulk RNA-seq from {bulk}")
-    adata = read_bulk_input(bulk, sample_sheet, ensembl=looks_like_ensembl(list(ref_var.index)))
-    files = slide_feature_files(features_dir, slides, opts.features, mpp, cache_dir=out / "features",
-                                progress=progress)
-    matching = match_slides(list(files), adata)
-    for line in matching.lines():  # also with --no-progress: what is left out is never silent
-        print(line, flush=True)
+    sb = load_slide_bags(bulk, opts.reference, sample_sheet=sample_sheet, features_dir=features_dir, slides=slides,
+                         spec=opts.features, mpp=mpp, cache_dir=out / "features", progress=progress)
+    t_feats = time.perf_counter() - t0
     with atomic_path(out / "matching.tsv", suffix=".tsv") as tmp:
-        matching.table.to_csv(tmp, sep="\t", index=False)
-    if len(matching.bags) < 4:
-        raise CPNNInputError(f"only {len(matching.bags)} RNA sample(s) have a slide; training needs at least 4",
+        sb.matching.table.to_csv(tmp, sep="\t", index=False)
+    matching, gene_report, samples = sb.matching, sb.gene_report, list(sb.adata.obs_names)
+    if len(samples) < 4:
+        raise CPNNInputError(f"only {len(samples)} RNA sample(s) have a slide; training needs at least 4",
                              path=out / "matching.tsv", field="slides/samples",
                              fix="check that slide names start with the TCGA barcode of their sample "
                                  "(TCGA-XX-XXXX-01...) or equal the bulk's sample labels")
-    t_idx, ref_names, gene_report = map_genes_to_reference(list(map(str, adata.var_names)), ref_var, where=bulk)
     say(f"genes: {gene_report['n_mapped']} of {gene_report['n_bulk_genes']} bulk genes map to the reference "
         f"({gene_report['how']})")
-    samples = list(matching.bags)
-    x = adata[samples].X
-    counts = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)[:, t_idx]
+    counts = _dense(sb.adata.X)
+    ref_names = list(map(str, sb.adata.var_names))
     panel = read_gene_list(opts.genes_file) if opts.genes_file else None
     genes = choose_genes(counts, ref_names, panel, opts.n_top_genes)
     say(f"building prototypes ({opts.prototype_method}) from {Path(opts.reference).name}, {len(genes)} target genes")
     protos = load_or_build_prototypes(opts, genes)
     protos.save(out / "prototypes.h5ad")
     say(f"prototypes: {len(protos.cell_types)} cell types x {len(protos.genes)} genes")
-    t_protos = time.perf_counter() - t0
+    t_protos = time.perf_counter() - t0 - t_feats
     pos = {g: i for i, g in enumerate(ref_names)}
     y = counts[:, [pos[g] for g in protos.genes]].astype(np.float32)
     empty = [s for s, t in zip(samples, y.sum(1)) if t <= 0]
     if empty:
         raise CPNNInputError(f"{len(empty)} RNA sample(s) have no counts on the model's genes (e.g. {empty[:3]})",
                              path=bulk, field="counts", fix="check the files of these samples (truncated download?)")
-    bags, record = [], None
-    for s in samples:
-        parts = []
-        for sid in matching.bags[s]:
-            ff = _read_tiles(files[sid])
-            rec = feature_record(files[sid], ff.attrs, ff.features.shape[1])
-            if record is None:
-                record = rec
-            elif rec["dim"] != record["dim"] or (rec["name"] and record["name"] and rec["name"] != record["name"]):
-                raise CPNNInputError(f"features of {sid} ({rec['name']}, {rec['dim']} dims) differ from the first "
-                                     f"slide's ({record['name']}, {record['dim']} dims)", path=files[sid],
-                                     field="features", fix="use features of one encoder for every slide")
-            parts.append(ff.features)
-        bags.append(np.concatenate(parts))
-    t_feats = time.perf_counter() - t0 - t_protos
-    patients = np.asarray(adata.obs.loc[samples, PATIENT].astype(str))
+    bags, record = sb.bags, sb.record
+    patients = np.asarray(sb.adata.obs[PATIENT].astype(str))
     train = dict(opts.train)
     for k, v in BULK_TRAIN_OVERRIDES.items():
         if train.get(k) == SPOT_TRAIN_DEFAULTS.get(k):
