@@ -144,7 +144,8 @@ def write_tcga_cohort(out_dir: os.PathLike | str, n_patients: int = 10, seed: in
     Parameters
     ----------
     out_dir
-        Output folder (created; existing files of the same names are replaced).
+        Output folder (created). A cohort written there before is replaced; other
+        content in ``gdc/``, ``features/``, ``slides/`` is refused.
     n_patients
         Patients (>= 6). Patient 1 has two slides of one sample, patient 2 a slide
         without RNA, patient 3 RNA without a slide; the others one slide and one RNA file.
@@ -180,6 +181,15 @@ def write_tcga_cohort(out_dir: os.PathLike | str, n_patients: int = 10, seed: in
         raise CPNNInputError(f"slides of {image_px} px (0.5 µm/px) are too small for the tissue detector",
                              field="image_px", fix="use image_px >= 800 (e.g. 1024) with write_slides=True")
     root = Path(out_dir)
+    parts = [root / n for n in ("gdc", "features", "slides")]
+    if any(p.exists() for p in parts):
+        if not (root / "truth.json").is_file():
+            raise CPNNInputError("the folder holds gdc/, features/ or slides/ not written by write_tcga_cohort",
+                                 path=root, fix="pass an empty or new folder")
+        import shutil
+
+        for p in parts:  # a previous synthetic cohort: its files must not mix with the new ones
+            shutil.rmtree(p, ignore_errors=True)
     n_slides = n_patients + 1  # the first patient has a second slide
     cohort = make_synthetic_cohort(n_slides=n_slides, n_patients=n_slides, n_types=n_types, n_genes=n_genes,
                                    image_px=image_px, mpp=0.5, spot_pitch_um=100.0, spot_diameter_um=100.0,
@@ -195,11 +205,14 @@ def write_tcga_cohort(out_dir: os.PathLike | str, n_patients: int = 10, seed: in
     truth: Dict = {"seed": int(seed), "encoder": SYNTHETIC_ENCODER, "cell_types": list(cohort.cell_types),
                    "slides": {}, "rna": {}, "bad_cases": {}}
     bulk_of_patient: Dict[int, np.ndarray] = {}
+    cells_of_patient: Dict[int, np.ndarray] = {}
     for k, (p, suffix) in enumerate(owners):
         sl = cohort.slides[k]
         bc = _barcodes(p)
         slide_id = f"{bc['slide_sample']}-00-{suffix}.{_uuid(rng_id)}"
         bulk_of_patient[p] = bulk_of_patient.get(p, 0) + sl.bulk_counts.astype(np.int64)
+        n_type = np.bincount(sl.cells["cell_type"].cat.codes.to_numpy(), minlength=n_types).astype(np.float64)
+        cells_of_patient[p] = cells_of_patient.get(p, 0) + n_type
         if p == no_slide:
             continue
         coords, comp, n_cells = tile_compositions(sl.cells, n_types, image_px, tile_px)
@@ -249,5 +262,8 @@ def write_tcga_cohort(out_dir: os.PathLike | str, n_patients: int = 10, seed: in
                                                 if v["patient"] == _barcodes(no_rna)["patient"]],
                           "rna_without_slide": [_barcodes(no_slide)["rna_sample"]]}
     truth["genes"] = list(cohort.genes)
+    # the composition of the tissue each RNA sample measured (all cells of its slides)
+    truth["sample_proportions"] = {_barcodes(p)["rna_sample"]: (c / c.sum()).round(5).tolist()
+                                   for p, c in sorted(cells_of_patient.items())}
     write_json(root / "truth.json", truth)
     return TCGACohortPaths(root, gdc_dir, sheet, feat_dir, ref_path, slides_dir, truth)

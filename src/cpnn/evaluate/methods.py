@@ -148,6 +148,10 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
     shortcuts of :func:`cpnn_configs`."""
     from ..model import CPNN
 
+    if getattr(train.features, "dtype", None) == object:  # slide bags (data kind bulk)
+        from .slide_methods import run_cpnn_bags
+
+        return run_cpnn_bags(train, test, ctx, **options)
     t0 = time.perf_counter()
     cfg, tcfg = cpnn_configs(options, ctx.seed, ctx.progress)
     label, proto_method = options.get("label"), options.get("prototypes", "regression")
@@ -204,7 +208,10 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
 # --------------------------------------------------------------------------- baselines
 def spot_level(features: np.ndarray) -> np.ndarray:
     """One row per observation: ``(N, k, D)`` sub-patch features averaged over the
-    sub-patches (methods without a bag head), ``(N, D)`` unchanged."""
+    sub-patches (methods without a bag head), slide bags (a 1-D object array of
+    ``(n_i, D)``) averaged over their tiles, ``(N, D)`` unchanged."""
+    if getattr(features, "dtype", None) == object:
+        return np.stack([np.asarray(b, dtype=np.float64).mean(0) for b in features]).astype(np.float32)
     features = np.asarray(features, dtype=np.float32)
     return features.mean(axis=1) if features.ndim == 3 else features
 
@@ -235,3 +242,6 @@ def run_mlp(train: TrainData, test: TestData, ctx: MethodContext, /, **options) 
         raise CPNNInputError(f"bad mlp option: {exc}", field="methods[]") from exc
     mlp.fit(spot_level(train.features), to_log1p_cp10k(train.counts), groups=train.groups)
     return MethodOutput(expression=mlp.predict(spot_level(test.features)))
+
+
+from . import slide_methods  # noqa: E402,F401  (registers the slide-level kinds)
