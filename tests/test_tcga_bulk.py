@@ -203,3 +203,60 @@ def test_fit_and_predict_from_pyramidal_tiff_slides(fast_cfg, tmp_path, capsys):
                  "--no-progress"]) == 0
     pred = ad.read_h5ad(out)
     assert pred.n_obs == 1 and pred.obs["n_tiles"].iloc[0] > 0 and pred.obsm["cpnn_weights"].shape == (1, 5)
+
+
+def test_benchmark_bulk_kind_folds_by_patient_every_slide_method(tmp_path):
+    """`cpnn benchmark` with data kind bulk: one observation per sample (pooled bags), 4
+    patient folds, the package's slide-level methods, nested candidates on bags."""
+    import yaml
+
+    cfg = {
+        "seed": 0,
+        "data": {"kind": "bulk", "synthetic": {"dir": str(tmp_path / "cohort"), "n_patients": 14, "seed": 0},
+                 "proportions": True},
+        "split": {"by": "patient", "scheme": "k_fold", "n_folds": 4, "val_fraction": 0.2},
+        "reference": {"path": "synthetic", "label": "cell_type", "qc": {"min_genes": 10}},
+        "gene_sets": [{"name": "top60", "kind": "top_expressed", "n": 60}],
+        "methods": [{"name": "cpnn", "kind": "cpnn", "prototypes": "naive", "train": {"max_epochs": 3, "n_models": 1}},
+                    {"name": "cpnn_paper", "kind": "cpnn", "preset": "paper", "prototypes": "naive",
+                     "train": {"max_epochs": 3}},
+                    *[{"name": k, "kind": k, "train": {"max_epochs": 3}}
+                      for k in ("meanpool_mlp", "abmil", "he2rna", "sum_of_tiles")],
+                    {"name": "ridge_mean", "kind": "ridge", "alphas": "cv",
+                     "candidates": {"n_components": [4, 8]}}],
+        "evaluation": {"figures": False},
+        # 9 training patients per outer fold: 3 inner folds keep >= 3 slides per inner test fold
+        "selection": {"max_inner_folds": 3},
+    }
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["benchmark", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    res = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert set(res["method"]) == {"cpnn", "cpnn_paper", "meanpool_mlp", "abmil", "he2rna", "sum_of_tiles",
+                                  "ridge_mean"}
+    assert res.groupby("method")["fold"].nunique().eq(4).all() and res["n_test"].sum() == 7 * 12
+    assert res[["pcc_mean", "scc_mean"]].notna().all().all()
+    # slides of one patient never straddle folds; the pooled sample is one observation
+    splits = json.loads((tmp_path / "out" / "splits.json").read_text())
+    tests = [i for f in splits["folds"] for i in f["test_ids"]] if "folds" in splits else None
+    if tests is not None:
+        assert sorted(tests) == sorted(set(tests)) and len(tests) == 12
+    assert res.loc[res["method"] == "cpnn", "composition_mean"].notna().all()  # weights vs the true composition
+    assert res.loc[res["method"] == "ridge_mean", "selected"].str.contains("n_components").all()
+    resolved = yaml.safe_load((tmp_path / "out" / "config.resolved.yaml").read_text())
+    assert resolved["data"]["matching"]["rna_without_slide"] == ["TCGA-XS-A003-01A"]
+    assert len(resolved["data"]["matching"]["slides_without_rna"]) == 1
+
+
+def test_bulk_benchmark_refuses_folds_of_under_three_slides(tmp_path, capsys):
+    import yaml
+
+    cfg = {"data": {"kind": "bulk", "synthetic": {"dir": str(tmp_path / "c"), "n_patients": 8, "seed": 0}},
+           "split": {"by": "patient", "scheme": "k_fold", "n_folds": 4},
+           "reference": {"path": "synthetic", "label": "cell_type"},
+           "methods": [{"name": "ridge", "kind": "ridge"}]}
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["benchmark", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "test folds of fewer than 3 slides" in err and "Fix:" in err
