@@ -260,3 +260,29 @@ def test_bulk_benchmark_refuses_folds_of_under_three_slides(tmp_path, capsys):
     assert main(["benchmark", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "test folds of fewer than 3 slides" in err and "Fix:" in err
+
+
+@pytest.mark.slow
+def test_readme_tcga_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """The README's TCGA block: every `cpnn` line runs (the benchmark line's config is
+    checked by test_shipped_configs; its run takes minutes)."""
+    import glob
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("### TCGA", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).replace("\\\n", " ")
+    lines = [ln.split("#", 1)[0].strip() for ln in block.splitlines()]
+    commands = [ln for ln in lines if ln.startswith("cpnn ")]
+    assert [c.split()[1] for c in commands] == ["synthetic-tcga", "fit", "predict", "plot", "benchmark"]
+    monkeypatch.chdir(tmp_path)
+    for cmd in commands[:-1]:
+        argv = []
+        for a in shlex.split(cmd)[1:]:
+            argv += sorted(glob.glob(a)) if "*" in a else [a]
+        assert main(argv) == 0, cmd
+    pred = ad.read_h5ad(tmp_path / "tcga-pred" / "slides.h5ad")
+    assert pred.n_obs == 12 and len(list((tmp_path / "tcga-figures").glob("*/celltype_weights.png"))) == 12
+    assert "TCGA-XS-A003-01A" in capsys.readouterr().out
