@@ -166,6 +166,10 @@ def load_data(cfg: Dict[str, Any], progress: bool = True) -> BenchmarkData:
         from .slide_data import load_bulk_data
 
         return load_bulk_data(cfg, progress)
+    if kind == "pseudobulk":  # regions of spatial data: summed counts, a bag of their spots' patches
+        from .slide_data import load_pseudobulk_data
+
+        return load_pseudobulk_data(cfg, progress)
     if kind == "synthetic":
         samples, reference = _synthetic_samples(d, feat, progress)
     else:
@@ -181,7 +185,7 @@ def load_data(cfg: Dict[str, Any], progress: bool = True) -> BenchmarkData:
             samples = load_inputs(h5ad=d["paths"], image=d.get("images"), mpp=d.get("mpp"), require_image=need_image)
         else:
             raise CPNNInputError(f"unknown data kind {kind!r}", field="data.kind",
-                                 fix="use her2st, visium, hest, h5ad, synthetic or bulk")
+                                 fix="use her2st, visium, hest, h5ad, synthetic, bulk or pseudobulk")
         _attach(samples, feat, progress)
         reference = None
     ref_cfg = cfg.get("reference")

@@ -115,3 +115,47 @@ def load_bulk_data(cfg: Dict[str, Any], progress: bool = True):
         raise CPNNInputError("true proportions exist for the synthetic cohort only", field="data.proportions",
                              fix="drop proportions, or use synthetic: {dir: ...}")
     return BenchmarkData([sample], props, reference, description="bulk")
+
+
+def load_pseudobulk_data(cfg: Dict[str, Any], progress: bool = True):
+    """:class:`cpnn.evaluate.benchmark.BenchmarkData` of a ``kind: pseudobulk`` config:
+    the spatial data of ``data.source`` (any spot kind, e.g. ``{kind: her2st, root: ...,
+    sections: [...]}``) cut into regions of ``block_spots`` x ``block_spots`` spot pitches
+    (:func:`cpnn.workflows.pseudobulk.region_bags`, as ``cpnn fit --level bulk`` on spots);
+    one observation per region: the sum of its spots' counts and a bag of their (sub-)patch
+    features. One sample per section, so ``split.by: section`` holds whole sections out."""
+    from .._constants import PATIENT, UNS_INPUT
+    from ..workflows.bulk import as_bag_array
+    from ..workflows.pseudobulk import region_bags
+    from ..workflows.spatial import SpatialSample
+    from .benchmark import BenchmarkData, load_data
+
+    import anndata as ad
+
+    d = cfg["data"]
+    src = dict(d.get("source") or {})
+    if src.get("kind") in (None, "bulk", "pseudobulk"):
+        raise CPNNInputError("a pseudobulk benchmark needs the spatial data it pools", field="data.source",
+                             fix="e.g. source: {kind: her2st, root: ${CPNN_DATA_DIR}/her2st, sections: [C2, C3]}")
+    block, min_spots = int(d.get("block_spots", 3)), int(d.get("min_spots", 2))
+    spots = load_data({**cfg, "data": src}, progress)
+    genes = None
+    for s in spots.samples:
+        names = list(map(str, s.adata.var_names))
+        genes = names if genes is None else [g for g in genes if g in set(names)]
+    samples = []
+    for s in spots.samples:
+        rb = region_bags([s], genes, block_spots=block, min_spots=min_spots)
+        keep = np.flatnonzero(rb.counts.sum(1) > 0)
+        obs = pd.DataFrame({"section": s.sample_id, "n_spots": [len(rb.members[i]) for i in keep]},
+                           index=pd.Index([rb.names[i] for i in keep]))
+        if PATIENT in s.adata.obs:
+            obs[PATIENT] = str(s.adata.obs[PATIENT].iloc[0])
+        elif (s.adata.uns.get(UNS_INPUT) or {}).get("patient_id"):
+            obs[PATIENT] = str(s.adata.uns[UNS_INPUT]["patient_id"])
+        adata = ad.AnnData(X=rb.counts[keep].astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
+        samples.append(SpatialSample(s.sample_id, adata, as_bag_array([rb.bags[i] for i in keep])))
+        if progress:
+            print(f"{s.sample_id}: {len(keep)} regions of up to {block} x {block} spots", flush=True)
+    cfg["evaluation"] = {**(cfg.get("evaluation") or {}), "map_genes": 0}  # maps need spot coordinates
+    return BenchmarkData(samples, {}, spots.reference, description="pseudobulk")
