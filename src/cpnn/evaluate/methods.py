@@ -171,20 +171,7 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
                                  fix="report this: candidate genes are restricted to reference genes beforehand")
         counts = np.concatenate([train.counts, train.more_counts[:, :len(extra)]], axis=1)
     model = CPNN(model_protos, cfg, tcfg, encoder=ctx.encoder)
-    targets: Any = None
-    mode = options.get("composition_targets", "deconvolve")
-    if mode == "deconvolve":
-        # one deconvolution per (fold, gene set, prototypes) shared by all variants, over
-        # the scored genes; the same initialisation of the gene factors as
-        # CPNN.fit(..., "deconvolve") (extra genes start at the mean factor)
-        dec = ctx.deconvolution(protos, train.counts, **(options.get("deconvolution") or {}))
-        lpf = np.log(np.clip(dec.platform_factor, 1e-8, None)).astype(np.float32)
-        lpf = lpf - lpf.mean()
-        model.log_platform_factor = np.concatenate([lpf, np.zeros(counts.shape[1] - n_scored, np.float32)])
-        targets = np.asarray(dec.proportions, dtype=np.float32)
-    elif mode not in (None, "none"):
-        raise CPNNInputError(f"unknown composition_targets {mode!r}", field="methods[].composition_targets",
-                             fix="use deconvolve or none")
+    targets = deconvolution_targets(model, ctx, protos, train.counts, options, counts.shape[1] - n_scored)
     # one model: the split's validation part; an ensemble: each member validates on
     # another training group (all of them training data, never the test fold)
     val = np.flatnonzero(train.val) if train.val.any() and tcfg.n_models == 1 else None
@@ -203,6 +190,26 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
               "residual_alpha": None if model.residual is None else model.residual.alpha_,
               "fit_seconds": round(time.perf_counter() - t0, 1)},
     )
+
+
+def deconvolution_targets(model, ctx: MethodContext, protos, counts: np.ndarray, options: Dict[str, Any],
+                          n_extra: int = 0) -> Optional[np.ndarray]:
+    """Composition targets of a ``cpnn`` entry (``composition_targets: deconvolve`` or
+    ``none``), setting ``model.log_platform_factor`` as ``CPNN.fit(..., "deconvolve")`` does.
+
+    One deconvolution per (fold, gene set, prototypes) shared by all variants, over the
+    scored genes; ``n_extra`` modelled genes beyond them start at the mean factor."""
+    mode = options.get("composition_targets", "deconvolve")
+    if mode in (None, "none"):
+        return None
+    if mode != "deconvolve":
+        raise CPNNInputError(f"unknown composition_targets {mode!r}", field="methods[].composition_targets",
+                             fix="use deconvolve or none")
+    dec = ctx.deconvolution(protos, counts, **(options.get("deconvolution") or {}))
+    lpf = np.log(np.clip(dec.platform_factor, 1e-8, None)).astype(np.float32)
+    lpf = lpf - lpf.mean()
+    model.log_platform_factor = np.concatenate([lpf, np.zeros(n_extra, np.float32)])
+    return np.asarray(dec.proportions, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- baselines

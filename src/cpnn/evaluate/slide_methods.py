@@ -17,12 +17,13 @@ A slide-level benchmark (``data: {kind: bulk}``) hands methods a 1-D object arra
 from __future__ import annotations
 
 import time
-from typing import Any, List
+from typing import List
 
 import numpy as np
 
 from ..errors import CPNNInputError
-from .methods import MethodContext, MethodOutput, TestData, TrainData, cpnn_configs, register_method
+from .methods import (MethodContext, MethodOutput, TestData, TrainData, cpnn_configs, deconvolution_targets,
+                      register_method)
 
 #: options of a slide baseline entry that go to the optimiser (the rest go to its module)
 _TRAIN_KEYS = ("train", "seed", "feature_scaling")
@@ -75,16 +76,7 @@ def run_cpnn_bags(train: TrainData, test: TestData, ctx: MethodContext, /, **opt
                                              if k not in given and getattr(tcfg, k) == SPOT_TRAIN_DEFAULTS.get(k)})
     protos = ctx.prototypes(label=options.get("label"), method=options.get("prototypes", "regression"))
     model = CPNN(protos, cfg, tcfg, encoder=ctx.encoder)
-    targets: Any = None
-    mode = options.get("composition_targets", "deconvolve")
-    if mode == "deconvolve":
-        dec = ctx.deconvolution(protos, train.counts, **(options.get("deconvolution") or {}))
-        lpf = np.log(np.clip(dec.platform_factor, 1e-8, None)).astype(np.float32)
-        model.log_platform_factor = lpf - lpf.mean()
-        targets = np.asarray(dec.proportions, dtype=np.float32)
-    elif mode not in (None, "none"):
-        raise CPNNInputError(f"unknown composition_targets {mode!r}", field="methods[].composition_targets",
-                             fix="use deconvolve or none")
+    targets = deconvolution_targets(model, ctx, protos, train.counts, options)
     val = np.flatnonzero(train.val) if train.val.any() and tcfg.n_models == 1 else None
     model.fit(bag_list(train.features), train.counts, composition_targets=targets, groups=train.groups, val_bags=val)
     out = model.predict(bag_list(test.features))
