@@ -286,3 +286,20 @@ def test_readme_tcga_commands_run_as_written(tmp_path, monkeypatch, capsys):
     pred = ad.read_h5ad(tmp_path / "tcga-pred" / "slides.h5ad")
     assert pred.n_obs == 12 and len(list((tmp_path / "tcga-figures").glob("*/celltype_weights.png"))) == 12
     assert "TCGA-XS-A003-01A" in capsys.readouterr().out
+
+
+def test_fit_chooses_the_composition_loss_on_training_patients(tmp_path, fast_cfg):
+    """`--composition-targets auto` (the default) compares the composition loss with none by
+    inner CV over the training patients and records the scores; few patients keep it."""
+    from cpnn.data.synthetic_tcga import write_tcga_cohort
+
+    c = write_tcga_cohort(tmp_path / "c", n_patients=12, seed=0)
+    assert main(_fit_args(c, tmp_path / "run", fast_cfg)) == 0
+    met = json.loads((tmp_path / "run" / "metrics.json").read_text())["composition_targets"]
+    assert met["compared"] and set(met["scores"]) == {"deconvolve", "none"} and met["inner_folds"] == 3
+    assert met["chosen"] == max(met["scores"], key=lambda k: (met["scores"][k], k == "deconvolve"))
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["used"]["features"]["training"]["composition_targets"]["chosen"] == met["chosen"]
+    assert main(_fit_args(c, tmp_path / "run2", fast_cfg, "--composition-targets", "none")) == 0
+    met2 = json.loads((tmp_path / "run2" / "metrics.json").read_text())["composition_targets"]
+    assert met2 == {"compared": False, "reason": "given", "chosen": "none"}

@@ -133,6 +133,9 @@ def add_slide_args(p: argparse.ArgumentParser, fit: bool) -> None:
                             "samples by TCGA barcode (sample = first 15 characters); several slides of one sample "
                             "form one bag; unmatched slides and samples are reported, not used")
         g.add_argument("--sample-sheet", metavar="TSV", help="the GDC sample sheet of the download (file -> sample)")
+        g.add_argument("--composition-targets", choices=["auto", "deconvolve", "none"], default=None,
+                       help="the composition loss against deconvolved training bulks: 'auto' (default) keeps it "
+                            "only when inner cross-validation over training patients says it helps")
     g.add_argument("--slides", metavar="GLOB", help="slide images (quoted glob, e.g. 'slides/*.svs'), tiled and "
                    "encoded with --encoder (fit) or the model's encoder (predict); --mpp when files lack it. "
                    "With --features DIR instead: one CLAM/TRIDENT '{slide}.h5' per slide")

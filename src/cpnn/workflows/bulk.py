@@ -440,6 +440,55 @@ def choose_genes(counts: np.ndarray, names: Sequence[str], panel: Optional[Seque
     return [names[i] for i in sorted(keep)]
 
 
+#: fewer training patients than this: no inner cross-validation, the paper's deconvolution targets
+MIN_PATIENTS_TO_CHOOSE = 8
+COMPOSITION_CHOICES = ("deconvolve", "none")
+
+
+def choose_composition_targets(prototypes, model_config, train_config, bags: Sequence[np.ndarray], counts: np.ndarray,
+                               patients: np.ndarray, encoder=None, n_folds: int = 3, seed: int = 0):
+    """Whether the composition loss (targets from deconvolving the training bulks) helps,
+    by inner cross-validation over the training patients.
+
+    Each candidate (``deconvolve``, ``none``) is trained as one model per inner fold (whole
+    patients held out); the held-out bags' predictions of all folds are pooled and scored
+    by the mean per-gene Spearman against their log1p CP10k. Ties keep ``deconvolve`` (the
+    paper's). Deconvolving high-depth bulk against prototypes with a free gene-wise platform
+    factor can give near-uniform targets (seen on the TCGA-shaped cohort, BENCHMARKS.md), and
+    then the loss pulls the weights the wrong way: this is the check.
+
+    Returns
+    -------
+    (str, dict)
+        The choice, and the inner scores (or why nothing was compared).
+    """
+    import dataclasses
+
+    from ..data.splits import grouped_folds
+    from ..evaluate.metrics import expression_metrics, to_log1p_cp10k
+    from ..model import CPNN
+
+    n_pat = len(set(map(str, patients)))
+    if n_pat < MIN_PATIENTS_TO_CHOOSE:
+        return "deconvolve", {"compared": False,
+                              "reason": f"{n_pat} patients (< {MIN_PATIENTS_TO_CHOOSE}): the paper's targets kept"}
+    folds = grouped_folds(np.asarray(patients), n_folds=min(n_folds, n_pat), seed=seed)
+    tc = dataclasses.replace(train_config, n_models=1, progress=False)
+    oof = {c: np.zeros(counts.shape, dtype=np.float64) for c in COMPOSITION_CHOICES}
+    for f in folds:
+        tr, te = sorted(f["train"] + f["val"]), list(f["test"])
+        for c in COMPOSITION_CHOICES:
+            m = CPNN(prototypes, model_config, tc, encoder=encoder)
+            m.fit([bags[i] for i in tr], counts[tr], groups=np.asarray(patients)[tr],
+                  composition_targets="deconvolve" if c == "deconvolve" else None)
+            oof[c][te] = np.log1p(m.predict([bags[i] for i in te])["bag_expr"].astype(np.float64) * 1e4)
+    truth = to_log1p_cp10k(counts)
+    scores = {c: float(expression_metrics(oof[c], truth, list(prototypes.genes))["scc_mean"]) for c in oof}
+    choice = max(COMPOSITION_CHOICES, key=lambda c: (scores[c], c == "deconvolve"))
+    return choice, {"compared": True, "inner_folds": len(folds), "metric": "scc_mean (pooled out-of-fold)",
+                    "scores": scores}
+
+
 def run_bulk_fit(opts, out: Path, bulk: str, sample_sheet=None, features_dir=None, slides=None,
                  mpp: Optional[float] = None, progress: bool = True):
     """Train a slide-level CPNN on bulk RNA-seq and slides; write the run folder ``out``.
@@ -523,8 +572,23 @@ def run_bulk_fit(opts, out: Path, bulk: str, sample_sheet=None, features_dir=Non
     _write_bulk_config(out, cfg_record)
     say(f"training CPNN on {len(samples)} slide bags of {len(set(patients.tolist()))} patients: {tc.n_models} "
         f"ensemble member(s), up to {tc.max_epochs} epochs each (early stopping: {tc.early_stopping})")
+    mode = str(opts.bulk.get("composition_targets", "auto"))
+    if mode not in ("auto",) + COMPOSITION_CHOICES:
+        raise CPNNInputError(f"unknown composition_targets {mode!r}", field="bulk.composition_targets",
+                             fix="use auto, deconvolve or none")
+    choice_info: Dict[str, Any] = {"compared": False, "reason": "given"}
+    if mode == "auto":
+        say("choosing the composition loss by inner cross-validation over the training patients ...")
+        mode, choice_info = choose_composition_targets(protos, opts.model_config(), tc, bags, y, patients,
+                                                       encoder=encoder, seed=opts.seed)
+        scores = choice_info.get("scores")
+        say(f"composition targets: {mode}" + (" (inner Spearman " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                                            scores.items()) + ")" if scores else
+                                              f" ({choice_info['reason']})"))
+    choice_info["chosen"] = mode
     model = CPNN(protos, opts.model_config(), tc, encoder=encoder)
-    model.fit(bags, y, groups=patients, composition_targets="deconvolve")
+    model.fit(bags, y, groups=patients, composition_targets="deconvolve" if mode == "deconvolve" else None)
+    model.encoder["training"]["composition_targets"] = choice_info
     model.prototype_provenance["trained_level"] = "bulk"
     model.save(out / "model.cpnn")
     cfg_record["used"] = {"model": config_to_dict(model.config), "train": config_to_dict(model.train_config),
@@ -539,7 +603,7 @@ def run_bulk_fit(opts, out: Path, bulk: str, sample_sheet=None, features_dir=Non
         "n_cell_types": len(model.cell_types), "n_bags": len(samples),
         "n_train_observations": len(model.split.get("train", [])),
         "n_val_observations": len(model.split.get("val", [])),
-        "matching": matching.report(), "genes": gene_report,
+        "matching": matching.report(), "genes": gene_report, "composition_targets": choice_info,
         "best_epoch": model.train_result.best_epoch, "epochs_run": len(hist), "best": best, "history": hist,
         "seconds": {"prototypes": round(t_protos, 1), "features": round(t_feats, 1),
                     "total": round(time.perf_counter() - t0, 1)},
