@@ -303,3 +303,16 @@ def test_fit_chooses_the_composition_loss_on_training_patients(tmp_path, fast_cf
     assert main(_fit_args(c, tmp_path / "run2", fast_cfg, "--composition-targets", "none")) == 0
     met2 = json.loads((tmp_path / "run2" / "metrics.json").read_text())["composition_targets"]
     assert met2 == {"compared": False, "reason": "given", "chosen": "none"}
+
+
+def test_patient_level_labels_take_the_patients_slides(cohort):
+    import anndata as ad_
+
+    from cpnn.workflows.bulk import list_feature_files, match_slides
+
+    slides = list(list_feature_files(cohort.features_dir))
+    bulk = ad_.AnnData(np.ones((3, 2), np.float32), obs=pd.DataFrame(index=["TCGA-XS-A001", "TCGA-XS-A004-01",
+                                                                             "other"]))
+    m = match_slides(slides, bulk)
+    assert len(m.bags["TCGA-XS-A001"]) == 2 and len(m.bags["TCGA-XS-A004-01"]) == 1  # 15-char sample labels too
+    assert m.rna_without_slide == ["other"] and len(m.slides_without_rna) == len(slides) - 3

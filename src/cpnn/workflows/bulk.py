@@ -9,7 +9,8 @@ Matching: a slide goes with the RNA sample of the same TCGA sample — the first
 characters of the barcode (``TCGA-XS-A001-01``: patient and sample type; the vial letter
 may differ, slides are ``01Z``, RNA ``01A``), the vial kept when both agree
 (:func:`cpnn.data.bulk.match_slides_to_samples`). A slide whose name equals a sample label
-matches it directly (non-TCGA cohorts). **Several slides of one sample form one bag**:
+matches it directly (non-TCGA cohorts), and a table labelled by patient (``TCGA-XS-A001``)
+takes that patient's slides. **Several slides of one sample form one bag**:
 their tiles are pooled, so the sample's bulk is predicted from all of its tissue. Slides
 without RNA and RNA samples without a slide are not used, and are reported on the console,
 in ``config.json`` / ``metrics.json`` and in ``matching.tsv`` — never dropped silently.
@@ -275,8 +276,25 @@ def match_slides(slide_ids: Sequence[str], bulk) -> Matching:
     """Match slides to the bulk's samples (see the module docstring)."""
     from ..data.bulk import match_slides_to_samples
 
+    from ..data.bulk import parse_tcga_barcode
+
     labels = list(map(str, bulk.obs_names))
     exact = {s: s for s in slide_ids if s in set(labels)}
+    patient_labels = set()  # tables labelled by patient (TCGA-XS-A001): a slide goes to its patient
+    for lab in labels:
+        try:
+            if parse_tcga_barcode(lab).sample is None:
+                patient_labels.add(lab)
+        except CPNNInputError:
+            pass
+    for s in slide_ids:
+        if s not in exact and patient_labels:
+            try:
+                pid = parse_tcga_barcode(s).patient
+            except CPNNInputError:
+                continue
+            if pid in patient_labels:
+                exact[s] = pid
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # counted and named in Matching.lines()
         table = match_slides_to_samples(list(slide_ids), labels, table=exact or None)
