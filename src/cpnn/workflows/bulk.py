@@ -191,7 +191,9 @@ def read_bulk_input(path, sample_sheet=None, ensembl: bool = False):
     Returns
     -------
     anndata.AnnData
-        Observations named by sample id; ``uns['cpnn_input']['duplicate_rna_files']``
+        Observations named by sample id; ``obs['patient']`` from the sample sheet / the
+        table's own ``patient`` column, else parsed from the TCGA barcode (else the label);
+        ``uns['cpnn_input']['duplicate_rna_files']``
         lists RNA files of an already-seen sample (the first file, by sample-sheet order of
         file names, is kept).
     """
@@ -222,7 +224,9 @@ def read_bulk_input(path, sample_sheet=None, ensembl: bool = False):
         except CPNNInputError:
             patients.append(str(s))
     adata.obs[SAMPLE] = sample.to_numpy().astype(str)
-    adata.obs[PATIENT] = patients
+    if PATIENT not in adata.obs or adata.obs[PATIENT].isna().any():  # else: the file's own patient column
+        adata.obs[PATIENT] = patients
+    adata.obs[PATIENT] = adata.obs[PATIENT].astype(str)
     dup = adata.obs[SAMPLE].duplicated(keep="first").to_numpy()
     extra = adata.obs_names[dup].tolist()
     if dup.any():
