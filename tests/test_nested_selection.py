@@ -176,3 +176,39 @@ def test_bad_candidates_are_clear_errors(methods, selection, field):
     with pytest.raises(CPNNInputError) as err:
         _cfg(methods, **over)
     assert field in str(err.value)
+
+
+def test_paper_preset_is_the_papers_spot_head_and_stopping_rule():
+    from cpnn.evaluate.methods import cpnn_configs
+
+    model, train = cpnn_configs({"preset": "paper"}, seed=0)
+    assert model.normalise_prototypes and not model.gene_factors  # p_i @ softmax_genes(T), no a, b
+    assert model.loss == "nb" and model.hidden == (1024, 512)
+    assert train.early_stopping == "val_loss"
+    over, _ = cpnn_configs({"preset": "paper", "gene_factors": True}, seed=0)
+    assert over.gene_factors  # shortcuts still override the preset
+
+
+def test_feature_variants_are_candidates_and_slide_standardisation_wins_under_slide_shifts(cohort, tmp_path):
+    """Every slide's features carry a scanner-like offset: re-centring each slide on its
+    own (unlabelled) statistics removes it, and nested selection finds that on inner folds."""
+    samples = _samples(cohort, noise=0.2)
+    rng = np.random.default_rng(5)
+    for s in samples:
+        s.features = s.features + rng.normal(scale=3.0, size=s.features.shape[1]).astype(np.float32)
+        s.meta["raw_features"] = s.features  # no context in this config
+    cfg = _cfg([{"name": "ridge", "kind": "ridge", "alphas": "cv", "n_components": 8,
+                 "candidates": {"features": ["base", "center"]}},
+                {"name": "ridge_center", "kind": "ridge", "alphas": "cv", "n_components": 8, "features": "center"},
+                {"name": "ridge_base", "kind": "ridge", "alphas": "cv", "n_components": 8}],
+               selection={"max_inner_folds": 3})
+    res = run_benchmark(BenchmarkData(samples, reference=cohort.reference), cfg, tmp_path / "v", progress=False)
+    r = res.results[res.results["gene_set"] == "top30"].set_index(["method", "fold"])
+    assert (r.loc["ridge_center", "scc_mean"] > r.loc["ridge_base", "scc_mean"]).all()
+    assert set(r.loc["ridge", "selected"]) == {json.dumps({"features": "center"})}
+    np.testing.assert_allclose(r.loc["ridge", "scc_mean"], r.loc["ridge_center", "scc_mean"])
+
+
+def test_unknown_feature_variant_is_a_clear_error():
+    with pytest.raises(CPNNInputError, match="feature variant"):
+        _cfg([{"name": "r", "kind": "ridge", "candidates": {"features": ["base", "hematoxylin"]}}])

@@ -188,7 +188,48 @@ def test_head_holds_out_patients_when_there_are_several(state_problem, monkeypat
         a.var_names = list(state_problem["prototypes"].genes)
         a.obs["patient"] = patients[i]
         samples.append(SpatialSample(f"S{i}", a, state_problem["features"][rows]))
+    # four members, each holding out one section: every spot has an out-of-fold mixture
     fit_spot_model(samples, state_problem["prototypes"], CPNNConfig(hidden=(16,), residual_head="ridge"),
-                   TrainConfig(max_epochs=2, progress=False), composition_targets=None)
+                   TrainConfig(max_epochs=2, n_models=4, val_fraction=0.25, progress=False),
+                   composition_targets=None)
     want = np.repeat(patients, 100) if expected == "patients" else np.repeat([f"S{i}" for i in range(4)], 100)
     np.testing.assert_array_equal(seen["groups"], want)
+
+
+def test_head_is_cross_fitted_on_out_of_fold_mixture_predictions(state_problem, monkeypatch):
+    """Each training spot's mixture target comes from the member that held its group out,
+    never from a member that trained on it (a reference computation per member)."""
+    from cpnn.model import residual
+    from cpnn.train.loop import predict_bags
+
+    seen = {}
+    original = residual.ResidualHead.fit
+
+    def spy(self, features, mixture_log, observed_log, groups=None):
+        seen.update(mixture=np.asarray(mixture_log), groups=np.asarray(groups))
+        return original(self, features, mixture_log, observed_log, groups)
+
+    monkeypatch.setattr(residual.ResidualHead, "fit", spy)
+    model = CPNN(state_problem["prototypes"], CPNNConfig(hidden=(16,), residual_head="ridge"),
+                 TrainConfig(max_epochs=3, n_models=3, val_fraction=0.34, progress=False, seed=0))
+    x, y, groups = state_problem["features"][:300], state_problem["counts"][:300], state_problem["groups"][:300]
+    model.fit(x, y, composition_targets=None, groups=groups)
+    assert model.residual.oof_fraction_ == pytest.approx(1.0)
+    data = model._as_bags(x)
+    data.features = model.scaler.transform(data.features)
+    expected = np.empty((300, len(model.genes)))
+    for member, split in zip(model.modules, model.split["members"]):
+        val = np.asarray(split["val"])
+        assert not set(split["train"]) & set(val)
+        expected[val] = predict_bags(member, data.subset(val), return_patch_outputs=False)["bag_expr"]
+    np.testing.assert_allclose(seen["mixture"], np.log1p(expected * 1e4), rtol=1e-5, atol=1e-6)
+    in_sample = model._ensemble_outputs(data, return_patch_outputs=False)["bag_expr"]
+    assert np.abs(np.log1p(in_sample * 1e4) - seen["mixture"]).max() > 1e-3  # not the in-sample fit
+
+
+def test_head_without_held_out_spots_is_a_clear_error(state_problem):
+    model = CPNN(state_problem["prototypes"], CPNNConfig(hidden=(16,), residual_head="ridge"),
+                 TrainConfig(max_epochs=1, early_stopping="none", progress=False))
+    with pytest.raises(CPNNInputError, match="out-of-fold"):
+        model.fit(state_problem["features"][:300], state_problem["counts"][:300], composition_targets=None,
+                  groups=state_problem["groups"][:300])

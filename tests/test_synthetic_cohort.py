@@ -342,3 +342,127 @@ def test_saved_slides_are_read_by_the_generic_spatial_reader(cohort, tmp_path):
     X = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
     np.testing.assert_array_equal(X, np.asarray(s.spots.X))
     np.testing.assert_array_equal(a.obsm["spatial"], s.spots.obsm["spatial"])
+
+
+# ----------------------------------------------------------------------------- patient effects
+PE_KW = dict(n_slides=4, n_patients=2, image_px=400, mpp=1.0, spot_pitch_um=80.0,
+             spot_diameter_um=80.0, n_genes=60, n_ref_cells=100, seed=3)
+
+
+@pytest.fixture(scope="module")
+def plain_pe():
+    return make_synthetic_cohort(**PE_KW)
+
+
+def test_patient_effects_zero_is_byte_identical(plain_pe):
+    from cpnn.data.synthetic import PATIENT_EFFECTS
+
+    for zero in (0.0, 0, {}, {name: 0.0 for name in PATIENT_EFFECTS}):
+        c = make_synthetic_cohort(**PE_KW, patient_effects=zero)
+        assert _same(_arrays(plain_pe), _arrays(c))
+        assert c.params == plain_pe.params and "patient_effects" not in c.params
+        assert c.patient_effects == {} and "patient_effects" not in c.slides[0].spots.uns
+
+
+def test_patient_effects_are_recorded_and_saved_only_when_used(tmp_path):
+    c = make_synthetic_cohort(**PE_KW, patient_effects={"stain": 0.5})
+    assert c.params["patient_effects"]["stain"] == 0.5
+    assert c.params["patient_effects"]["tumour_state"] == 0.0
+    assert set(c.patient_effects["patients"]) == {"P01", "P02"}
+    assert c.slides[0].spots.uns["patient_effects"]["strengths"]["stain"] == 0.5
+    back = load_synthetic_cohort(c.save(tmp_path / "c"))
+    assert back.patient_effects["patients"]["P01"]["stain_h"] == \
+        pytest.approx(c.patient_effects["patients"]["P01"]["stain_h"])
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), {"stian": 1.0}, {"stain": "x"}, True])
+def test_bad_patient_effects_name_the_field(bad):
+    with pytest.raises(CPNNInputError) as err:
+        make_synthetic_cohort(**PE_KW, patient_effects=bad)
+    assert "patient_effects" in err.value.field and err.value.fix
+
+
+def _mean_colour(c):
+    return np.array([s.image.reshape(-1, 3).mean(0) for s in c.slides])
+
+
+def test_stain_effect_shifts_image_colour_per_patient(plain_pe):
+    shifted = make_synthetic_cohort(**PE_KW, patient_effects={"stain": 1.0})
+    delta = _mean_colour(shifted) - _mean_colour(plain_pe)  # slides x RGB
+    assert np.abs(delta).max(axis=1).min() > 2.0  # every slide's colour moved
+    # the two sections of a patient move alike (one patient's stain), the patients differ
+    p1, p2 = delta[:2], delta[2:]
+    assert np.abs(p1[0] - p1[1]).max() < 0.5 * np.abs(p1).max()
+    assert np.abs(p2[0] - p2[1]).max() < 0.5 * np.abs(p2).max()
+    assert np.abs(p1.mean(0) - p2.mean(0)).max() > 2.0
+    # the cells and the counts are untouched: only the image changed
+    for a, b in zip(plain_pe.slides, shifted.slides):
+        assert np.array_equal(a.spots.X, b.spots.X)
+
+
+def test_scanner_effect_blurs_and_compresses(plain_pe):
+    scanned = make_synthetic_cohort(**PE_KW, patient_effects={"scanner": 1.0})
+    for a, b in zip(plain_pe.slides, scanned.slides):
+        sharp = np.abs(np.diff(a.image.astype(float), axis=1)).mean()
+        soft = np.abs(np.diff(b.image.astype(float), axis=1)).mean()
+        assert soft < 0.9 * sharp
+        assert np.array_equal(a.spots.X, b.spots.X)
+
+
+def _patient_props(c):
+    return np.array([np.mean([s.spots.obsm["true_proportions"].mean(0)
+                              for s in c.slides if s.patient_id == p], axis=0)
+                     for p in ("P01", "P02")])
+
+
+def test_composition_effect_shifts_patient_mean_proportions(plain_pe):
+    tilted = make_synthetic_cohort(**PE_KW, patient_effects={"composition": 1.5})
+    before, after = _patient_props(plain_pe), _patient_props(tilted)
+    assert np.abs(after - before).sum(axis=1).min() > 0.1
+    for p, pid in enumerate(("P01", "P02")):
+        tilt = np.asarray(tilted.patient_effects["patients"][pid]["composition_tilt"])
+        up, down = int(np.argmax(tilt)), int(np.argmin(tilt))
+        assert after[p, up] > before[p, up] and after[p, down] <= before[p, down] + 1e-9
+
+
+def _mixture_residual(c):
+    """Median over slides of the relative residual of the best non-negative prototype
+    mixture fitted to the slide's pooled spots (pooling averages the count noise away)."""
+    from scipy.optimize import nnls
+
+    protos = c.true_prototypes.T  # G x K
+    out = []
+    for s in c.slides:
+        a = s.spots
+        y = np.asarray(a.X, dtype=float) / (a.obs["capture_efficiency"].to_numpy()[:, None]
+                                           * c.platform_factor[None, :])
+        pooled = y.sum(axis=0)
+        _, res = nnls(protos, pooled)
+        out.append(res / np.linalg.norm(pooled))
+    return float(np.median(out))
+
+
+def test_tumour_state_makes_expression_leave_the_prototype_mixture():
+    kw = {**PE_KW, "n_types": 2, "n_genes": 40}  # two types: many spots rich in tumour cells
+    plain = make_synthetic_cohort(**kw)
+    state = make_synthetic_cohort(**kw, patient_effects={"tumour_state": 1.0})
+    assert np.array_equal(plain.slides[0].image, state.slides[0].image)
+    assert _mixture_residual(state) > 2.0 * _mixture_residual(plain)
+
+
+def test_inflammation_program_follows_immune_density():
+    kw = {**PE_KW, "n_types": 2, "n_genes": 60}  # Epithelial (inflamed) and T-cells (immune)
+    plain = make_synthetic_cohort(**kw)
+    infl = make_synthetic_cohort(**kw, patient_effects={"inflammation": 1.0})
+    assert infl.patient_effects["immune_types"] == ["T-cells"]
+    up = np.asarray(infl.patient_effects["inflammation_program"]) > 0.3
+    mixed, lift = [], []
+    for a, b in zip(plain.slides, infl.slides):
+        t = a.spots.obsm["true_proportions"][:, 1]
+        # the program needs inflamed cells among immune ones: strongest in mixed spots
+        mixed.append(t * (1 - t))
+        xa, xb = np.asarray(a.spots.X, float), np.asarray(b.spots.X, float)
+        lift.append(np.log1p(xb[:, up].sum(1)) - np.log1p(xa[:, up].sum(1)))
+    mixed, lift = np.concatenate(mixed), np.concatenate(lift)
+    assert np.corrcoef(mixed, lift)[0, 1] > 0.4
+    assert lift[mixed > 0.15].mean() > lift[mixed < 0.05].mean() + 0.1

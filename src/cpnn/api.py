@@ -153,7 +153,9 @@ def fit_spatial(
         :class:`cpnn.CPNNConfig`, :class:`cpnn.TrainConfig`.
     encoder
         Name of the feature encoder, or a dict (``name``, ``patch_um``, ``out_px``,
-        ``tta``); stored in the model and checked when it is loaded.
+        ``tta``; ``context_rings`` and ``slide_standardise`` are applied to ``features``
+        here and again by :func:`predict_spatial`); stored in the model and checked when
+        it is loaded.
     composition_targets
         ``"deconvolve"`` (default), a ``(n_spots_total, K)`` array, or None.
 
@@ -215,14 +217,21 @@ def predict_spatial(model, adata: AnnDataLike, features: np.ndarray, *, sample_i
 
     sid = sample_id or _sample_id(adata, "sample1")
     sample = _as_samples({sid: adata}, {sid: features})[0]
-    if model.scaler is not None and sample.features.shape[-1] != model.scaler.in_dim:
+    rings = float((model.encoder or {}).get("context_rings", 0.0) or 0.0)
+    if model.scaler is not None and (sample.features.shape[-1] != model.scaler.in_dim or rings <= 0):
+        # raw patch features (slide standardisation is idempotent, so features already
+        # standardised without context come out the same)
         sample.features = _with_context(sample.features, adata, model.encoder)
     return prediction_anndata(model, sample, image_max_px=image_max_px)
 
 
 def _with_context(features: np.ndarray, adata, encoder: Optional[Dict[str, Any]]) -> np.ndarray:
-    """Patch features plus the neighbourhood mean when ``encoder['context_rings'] > 0``."""
+    """Patch features standardised on their slide when ``encoder['slide_standardise']`` says
+    so, plus the neighbourhood mean when ``encoder['context_rings'] > 0``."""
     from .workflows.context import context_features
+    from .workflows.transforms import standardise_slide
 
-    rings = float((encoder or {}).get("context_rings", 0.0) or 0.0)
+    enc = encoder or {}
+    rings = float(enc.get("context_rings", 0.0) or 0.0)
+    features = standardise_slide(features, enc.get("slide_standardise") or "none")
     return context_features(features, adata.obsm["spatial"], rings)

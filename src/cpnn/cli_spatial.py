@@ -158,6 +158,15 @@ def register(sub) -> None:
     p.add_argument("--residual-head", choices=["none", "ridge"], default=None,
                    help="cell-state term on top of the cell-type mixture, kept only when inner "
                         "cross-validation over training sections says it helps (spot level)")
+    n = p.add_argument_group("options for a new patient's scan (recorded in the model; predict applies them)")
+    n.add_argument("--slide-standardise", choices=["none", "center", "robust"], default=None,
+                   help="standardise each slide's features on that slide's own statistics: subtract its mean "
+                        "(center) or median and divide by its IQR (robust); default none")
+    n.add_argument("--nuclei", action="store_true", default=None,
+                   help="append 16 nuclear-morphology features (haematoxylin channel) to each patch's features")
+    n.add_argument("--stain-norm", choices=["none", "macenko"], default=None,
+                   help="Macenko stain normalisation of every patch before the encoder, to a target fitted on "
+                        "the training patches; default none")
     p.add_argument("--config", default=None, help="YAML with sections model/train/features/prototypes")
     p.add_argument("--seed", type=int, default=None, help="seed of splits, initialisation and sampling (default 0)")
     p.add_argument("--epochs", type=int, default=None, help="max epochs")

@@ -23,6 +23,11 @@ can be checked against the truth:
 6. **Single-cell reference.** Cells ~ NB(prototype * batch effect * depth) in two
    batches, with extra genes outside the panel, mitochondrial genes and a few damaged
    cells (high mitochondrial fraction) for quality control to remove.
+7. **Patient effects** (off by default, see :data:`PATIENT_EFFECTS`): per-patient stain
+   and scanner shifts of the image, composition shifts, a patient-specific tumour state
+   and an immune-driven inflammation program. The last two make expression depart from
+   a fixed prototype mixture, so the cohort can show a mixture model losing to a free
+   regression on a held-out patient.
 
 All randomness comes from ``numpy.random.SeedSequence(seed)`` with a fixed key per part,
 so the same seed gives byte-identical arrays and slide ``i`` does not depend on how many
@@ -54,6 +59,7 @@ __all__ = [
     "make_synthetic_cohort",
     "load_synthetic_cohort",
     "CELL_TYPE_NAMES",
+    "PATIENT_EFFECTS",
 ]
 
 TRUTH_FILE = "truth.json"
@@ -117,6 +123,12 @@ _NAMED_TYPES = (
 )
 
 CELL_TYPE_NAMES = tuple(t.name for t in _NAMED_TYPES)
+
+# Patient effects (strength 0 = off): see make_synthetic_cohort(patient_effects=...).
+PATIENT_EFFECTS = ("stain", "scanner", "composition", "tumour_state", "inflammation")
+_IMMUNE_TYPES = ("T-cells", "B-cells", "Plasma cells", "Myeloid")
+# Radius (microns) of the neighbourhood whose immune fraction drives inflammation.
+_INFLAMMATION_RADIUS_UM = 30.0
 
 # Ruifrok & Johnston optical-density vectors (R, G, B) of haematoxylin and eosin.
 _H_VEC = np.array([0.650, 0.704, 0.286])
@@ -183,7 +195,12 @@ class SyntheticCohort:
     mpp, spot_diameter_um, spot_pitch_um, seed
         Geometry and seed.
     params
-        All arguments of :func:`make_synthetic_cohort` that made it.
+        All arguments of :func:`make_synthetic_cohort` that made it (``patient_effects``
+        only when an effect is on).
+    patient_effects
+        With patient effects on: ``{"strengths": {name: float}, "tumour_type": str,
+        "immune_types": [...], "inflammation_program": [G], "patients": {patient_id:
+        {parameter: value}}}`` (what each patient drew); empty otherwise.
     """
 
     cell_types: list
@@ -198,6 +215,7 @@ class SyntheticCohort:
     spot_pitch_um: float
     seed: int
     params: dict = field(default_factory=dict)
+    patient_effects: dict = field(default_factory=dict)
 
     @property
     def slide_ids(self) -> list:
@@ -313,6 +331,7 @@ class SyntheticCohort:
                  "bulk_proportions": s.bulk_proportions.tolist()}
                 for s in self.slides
             ],
+            **({"patient_effects": self.patient_effects} if self.patient_effects else {}),
         })
         return root
 
@@ -407,6 +426,7 @@ def load_synthetic_cohort(directory: os.PathLike | str) -> SyntheticCohort:
         spot_pitch_um=float(truth.get("spot_pitch_um", truth["spot_diameter_um"])),
         seed=int(truth["seed"]),
         params=dict(truth.get("params", {})),
+        patient_effects=dict(truth.get("patient_effects", {})),
     )
 
 
@@ -422,6 +442,7 @@ def make_synthetic_cohort(
     spot_diameter_um: float = 100.0,
     n_ref_cells: int = 1500,
     seed: int = 0,
+    patient_effects: float | dict = 0.0,
 ) -> SyntheticCohort:
     """Generate a seeded synthetic cohort with known cell-type composition.
 
@@ -456,6 +477,27 @@ def make_synthetic_cohort(
         Cells in the single-cell reference.
     seed
         Seed of everything (non-negative int).
+    patient_effects
+        Strength (>= 0; 1 is a clearly visible effect) of per-patient departures from
+        CPNN's generative story: one number for every effect, or ``{name: strength}``
+        for some of :data:`PATIENT_EFFECTS` (the others off):
+
+        - ``stain``: the patient's haematoxylin/eosin optical-density vectors and gains
+          are shifted, so the colour of every image of that patient shifts;
+        - ``scanner``: per-patient blur, brightness/gamma and JPEG compression;
+        - ``composition``: the patient's cell-type log-odds are tilted towards a few
+          types (log of a flat Dirichlet draw), on top of the usual patient bias;
+        - ``tumour_state``: a patient-specific log-fold-change program on the tumour
+          (Epithelial, else the first) cells, its strength varying smoothly over each
+          section, so their expression is no fixed prototype;
+        - ``inflammation``: one program shared by the non-immune types, its strength
+          per cell the immune fraction of its neighbourhood (30 um) times a
+          per-patient gain.
+
+        Effect parameters come from their own random streams, so 0 (the default)
+        gives byte-identical output to a cohort made without the argument, and
+        turning one effect on leaves the others' draws unchanged. What each patient
+        drew is in :attr:`SyntheticCohort.patient_effects`.
 
     Returns
     -------
@@ -466,6 +508,9 @@ def make_synthetic_cohort(
     params = dict(n_slides=n_slides, n_patients=n_patients, n_types=n_types,
                   n_genes=n_genes, image_px=image_px, mpp=mpp, spot_pitch_um=spot_pitch_um,
                   spot_diameter_um=spot_diameter_um, n_ref_cells=n_ref_cells, seed=seed)
+    strengths = _check_patient_effects(patient_effects)
+    if any(strengths.values()):
+        params["patient_effects"] = strengths
     if n_patients is None:
         n_patients = max(1, n_slides // 2)
 
@@ -484,6 +529,9 @@ def make_synthetic_cohort(
     patient_bias = rng_pat.normal(0.0, 0.8, (n_patients, n_types))
     patient_of_slide = (np.arange(n_slides) * n_patients) // n_slides
 
+    effects = (_draw_patient_effects(strengths, n_patients, specs, n_genes, _rng(seed, 6))
+               if any(strengths.values()) else None)
+
     grid = _spot_grid(image_px, mpp, spot_pitch_um, spot_diameter_um)
     slides = []
     for i in range(n_slides):
@@ -491,11 +539,24 @@ def make_synthetic_cohort(
         p = int(patient_of_slide[i])
         slide_id, patient_id = f"S{i + 1:02d}", f"P{p + 1:02d}"
         bias = base_logit + patient_bias[p] + rng.normal(0.0, 0.3, n_types)
+        pe = None if effects is None else effects["patients"][p]
+        if pe is not None:
+            bias = bias + pe["composition_tilt"]
         tissue = _make_tissue(specs, bias, image_px, mpp, rng)
-        image = _render(specs, tissue, image_px, mpp, rng)
+        image = _render(specs, tissue, image_px, mpp, rng, stain=pe)
+        cell_expr = None
+        if pe is not None:
+            image = _scanner(image, pe)
+            cell_expr = _cell_expression(specs, tissue, protos, effects, pe, mpp,
+                                         _rng(seed, 300 + i))
         spots, bulk_counts, bulk_props = _measure(
             slide_id, patient_id, specs, tissue, protos, platform, spot_disp,
-            bulk_platform, bulk_disp, grid, genes, mpp, spot_diameter_um, rng)
+            bulk_platform, bulk_disp, grid, genes, mpp, spot_diameter_um, rng,
+            cell_expr=cell_expr)
+        if effects is not None:
+            spots.uns["patient_effects"] = {
+                "strengths": dict(strengths),
+                **{k: v for k, v in _patient_record(pe).items() if not isinstance(v, list)}}
         cells = pd.DataFrame({
             "x": tissue["xy"][:, 0], "y": tissue["xy"][:, 1],
             "cell_type": pd.Categorical.from_codes(tissue["types"],
@@ -510,7 +571,128 @@ def make_synthetic_cohort(
         platform_factor=platform, bulk_platform_factor=bulk_platform, slides=slides,
         reference=reference, mpp=float(mpp), spot_diameter_um=float(spot_diameter_um),
         spot_pitch_um=float(spot_pitch_um), seed=int(seed), params=params,
+        patient_effects={} if effects is None else {
+            "strengths": dict(strengths),
+            "tumour_type": specs[effects["tumour_type"]].name,
+            "immune_types": [specs[k].name for k in effects["immune"]],
+            "inflamed_types": [specs[k].name for k in effects["inflamed"]],
+            "inflammation_program": effects["inflammation_program"].tolist(),
+            "patients": {f"P{p + 1:02d}": _patient_record(pe)
+                         for p, pe in enumerate(effects["patients"])},
+        },
     )
+
+
+def _check_patient_effects(value) -> dict:
+    """``{name: strength}`` over every name of :data:`PATIENT_EFFECTS` (0 = off)."""
+    fix = (f"pass a number >= 0 for all effects or a dict over {', '.join(PATIENT_EFFECTS)}, "
+           "e.g. {'stain': 1.0, 'tumour_state': 0.5}.")
+
+    def strength(name, v):
+        if (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+                or not np.isfinite(v) or v < 0):
+            raise CPNNInputError(f"strength {v!r} is not a number >= 0.",
+                                 field=f"patient_effects[{name!r}]" if name else "patient_effects",
+                                 fix=fix)
+        return float(v)
+
+    if isinstance(value, dict):
+        unknown = [k for k in value if k not in PATIENT_EFFECTS]
+        if unknown:
+            raise CPNNInputError(f"unknown patient effect(s) {unknown}.", field="patient_effects",
+                                 fix=fix)
+        return {k: strength(k, value.get(k, 0.0)) for k in PATIENT_EFFECTS}
+    s = strength(None, value)
+    return {k: s for k in PATIENT_EFFECTS}
+
+
+def _draw_patient_effects(strengths: dict, n_patients: int, specs: list, n_genes: int,
+                          rng: np.random.Generator) -> dict:
+    """Per-patient effect parameters. Every parameter is drawn whatever the strengths
+    (then scaled by them), so one effect's draws never depend on which others are on."""
+    K = len(specs)
+    names = [t.name for t in specs]
+    tumour = names.index("Epithelial") if "Epithelial" in names else 0
+    immune = [k for k, n in enumerate(names) if n in _IMMUNE_TYPES]
+    inflamed = [k for k in range(K) if k not in immune]
+    active = rng.random(n_genes) < 0.3
+    inflammation_program = active * rng.normal(0.0, 1.0, n_genes)
+    s = strengths
+    patients = []
+    for _ in range(n_patients):
+        tilt = np.log(rng.dirichlet(np.ones(K)))
+        patients.append(dict(
+            stain_h=np.exp(s["stain"] * rng.normal(0.0, 0.2, 3)),
+            stain_e=np.exp(s["stain"] * rng.normal(0.0, 0.2, 3)),
+            stain_gain=np.exp(s["stain"] * rng.normal(0.0, 0.25, 2)),
+            blur_px=s["scanner"] * rng.uniform(0.3, 1.5),
+            gamma=float(np.exp(s["scanner"] * rng.normal(0.0, 0.2))),
+            brightness=s["scanner"] * rng.normal(0.0, 10.0),
+            jpeg_quality=int(np.clip(round(95 - s["scanner"] * rng.uniform(20.0, 70.0)), 5, 95)),
+            composition_tilt=s["composition"] * 0.8 * (tilt - tilt.mean()),
+            tumour_program=s["tumour_state"] * rng.normal(0.0, 0.8, n_genes),
+            inflammation_gain=s["inflammation"] * 2.0 * float(np.exp(rng.normal(0.0, 0.4))),
+        ))
+    return dict(patients=patients, tumour_type=tumour, immune=immune, inflamed=inflamed,
+                inflammation_program=inflammation_program, strengths=dict(strengths))
+
+
+def _patient_record(pe: dict) -> dict:
+    """JSON-ready copy of one patient's effect parameters."""
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in pe.items()}
+
+
+def _scanner(image: np.ndarray, pe: dict) -> np.ndarray:
+    """The patient's scanner: blur, gamma and brightness, then JPEG compression."""
+    if pe["blur_px"] <= 0 and pe["gamma"] == 1.0 and pe["brightness"] == 0 \
+            and pe["jpeg_quality"] >= 95:
+        return image
+    from io import BytesIO
+
+    from PIL import Image
+
+    img = image.astype(np.float32)
+    if pe["blur_px"] > 0:
+        img = ndimage.gaussian_filter(img, (pe["blur_px"], pe["blur_px"], 0), truncate=3.0)
+    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** pe["gamma"] + pe["brightness"]
+    out = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    if pe["jpeg_quality"] < 95:
+        buf = BytesIO()
+        Image.fromarray(out).save(buf, format="JPEG", quality=int(pe["jpeg_quality"]))
+        buf.seek(0)
+        with Image.open(buf) as im:
+            out = np.asarray(im.convert("RGB")).copy()
+    return out
+
+
+def _cell_expression(specs: list, tissue: dict, protos: np.ndarray, effects: dict, pe: dict,
+                     mpp: float, rng: np.random.Generator) -> np.ndarray:
+    """Expected expression of every cell (cells x G): its type's prototype times the
+    tumour-state and inflammation programs (exp of their log-fold changes)."""
+    xy, types = tissue["xy"], tissue["types"]
+    expr = protos[types].copy()
+    if len(xy) == 0:
+        return expr
+    logfc = np.zeros_like(expr)
+    tumour = types == effects["tumour_type"]
+    if tumour.any() and np.any(pe["tumour_program"]):
+        # smooth per-section strength in [0, 1]: tumour states vary within a section too
+        shape = tissue["comp"].shape[1:]
+        field_ = _gaussian_field(shape, 60.0 / _FIELD_STEP_UM, rng)
+        strength = 1.0 / (1.0 + np.exp(-2.0 * _sample_grid(field_, xy[tumour],
+                                                            tissue["step_px"])))
+        logfc[tumour] += strength[:, None] * pe["tumour_program"][None, :]
+    inflamed = np.isin(types, effects["inflamed"])
+    if inflamed.any() and effects["immune"] and pe["inflammation_gain"] > 0:
+        tree = cKDTree(xy)
+        radius = _INFLAMMATION_RADIUS_UM / mpp
+        nbrs = tree.query_ball_point(xy[inflamed], r=radius)
+        is_immune = np.isin(types, effects["immune"]).astype(np.float64)
+        frac = np.array([is_immune[np.asarray(n, dtype=np.int64)].mean() for n in nbrs])
+        logfc[inflamed] += (pe["inflammation_gain"] * frac)[:, None] \
+            * effects["inflammation_program"][None, :]
+    expr *= np.exp(logfc)
+    return expr
 
 
 def _rng(seed: int, key: int) -> np.random.Generator:
@@ -708,8 +890,9 @@ def _make_tissue(specs: list, bias: np.ndarray, image_px: int, mpp: float,
 
 # --------------------------------------------------------------------------- rendering
 def _render(specs: list, tissue: dict, image_px: int, mpp: float,
-            rng: np.random.Generator) -> np.ndarray:
-    """Render the H&E-like RGB image (uint8 H x W x 3) of one slide's cells."""
+            rng: np.random.Generator, stain: Optional[dict] = None) -> np.ndarray:
+    """Render the H&E-like RGB image (uint8 H x W x 3) of one slide's cells; ``stain``
+    (a patient's effect parameters) scales the stain vectors and gains."""
     H = W = image_px
     step_px = tissue["step_px"]
 
@@ -758,6 +941,10 @@ def _render(specs: list, tissue: dict, image_px: int, mpp: float,
     hv = (_H_VEC * np.exp(rng.normal(0, 0.05, 3))).astype(np.float32)
     ev = (_E_VEC * np.exp(rng.normal(0, 0.05, 3))).astype(np.float32)
     h_gain, e_gain = np.exp(rng.normal(0, 0.08, 2))
+    if stain is not None:  # after the slide's own draws, so the RNG stream is unchanged
+        hv = (hv * stain["stain_h"]).astype(np.float32)
+        ev = (ev * stain["stain_e"]).astype(np.float32)
+        h_gain, e_gain = h_gain * stain["stain_gain"][0], e_gain * stain["stain_gain"][1]
     noise = rng.standard_normal((H, W), dtype=np.float32)
     noise *= 2.5
     noise += 0.5  # so that truncation to uint8 below rounds
@@ -886,8 +1073,9 @@ def _nb(rng: np.random.Generator, mean: np.ndarray, disp: np.ndarray) -> np.ndar
 
 
 def _measure(slide_id, patient_id, specs, tissue, protos, platform, spot_disp,
-             bulk_platform, bulk_disp, grid, genes, mpp, diameter_um, rng):
-    """Spot counts and truth, and the slide's bulk counts and proportions."""
+             bulk_platform, bulk_disp, grid, genes, mpp, diameter_um, rng, cell_expr=None):
+    """Spot counts and truth, and the slide's bulk counts and proportions; ``cell_expr``
+    (cells x G) replaces each cell's prototype when patient effects change expression."""
     K = len(specs)
     xy, types = tissue["xy"], tissue["types"]
     onehot = np.zeros((len(xy), K))
@@ -901,7 +1089,12 @@ def _measure(slide_id, patient_id, specs, tissue, protos, platform, spot_disp,
     n_cells = n_sk.sum(axis=1)
     props = n_sk / n_cells[:, None]
     capture = _SPOT_CAPTURE * np.exp(rng.normal(0.0, 0.25, len(n_sk)))
-    mean = capture[:, None] * platform[None, :] * (n_sk @ protos)
+    if cell_expr is None:
+        spot_expr = n_sk @ protos
+    else:
+        spot_expr = np.stack([cell_expr[np.asarray(m, dtype=np.int64)].sum(axis=0)
+                              for m, keep in zip(members, has_cells) if keep])
+    mean = capture[:, None] * platform[None, :] * spot_expr
     counts = _nb(rng, mean, spot_disp[None, :]).astype(np.int32)
 
     obs = pd.DataFrame(
@@ -920,7 +1113,7 @@ def _measure(slide_id, patient_id, specs, tissue, protos, platform, spot_disp,
 
     n_k = onehot.sum(axis=0)
     bulk_props = n_k / n_k.sum()
-    raw = bulk_platform * (n_k @ protos)
+    raw = bulk_platform * (n_k @ protos if cell_expr is None else cell_expr.sum(axis=0))
     depth = np.exp(rng.uniform(np.log(2e6), np.log(8e6)))
     bulk_counts = _nb(rng, raw * (depth / raw.sum()), bulk_disp).astype(np.int64)
     return spots, bulk_counts, bulk_props

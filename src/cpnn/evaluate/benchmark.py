@@ -26,7 +26,7 @@ import copy
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -119,6 +119,10 @@ def resolve_config(cfg: Dict[str, Any], data_dir: Optional[str] = None) -> Dict[
                                  field=f"methods[{m.get('name')}].candidates")
         candidate_grid(cands, where=f"methods[{m.get('name')}].candidates",
                        max_candidates=int(sel["max_candidates"]))
+        from ..workflows.feature_variants import parse_variant
+
+        for v in [m.get("features", "base"), *(cands.get("features") or [])]:
+            parse_variant(v)
     gnames = [g.get("name") for g in out["gene_sets"]]
     if any(not n for n in gnames) or len(set(gnames)) != len(gnames):
         raise CPNNInputError(f"every gene set needs a unique name (got {gnames})", field="gene_sets[].name")
@@ -218,6 +222,7 @@ def _attach(samples, feat: Dict[str, Any], progress: bool) -> None:
     _attach_raw(samples, feat, progress)
     rings = float(feat.get("context_rings", 0.0) or 0.0)
     for s in samples:  # every method sees the same (context) features
+        s.meta["raw_features"] = s.features  # before context: feature variants start from these
         s.features = context_features(s.features, s.adata.obsm["spatial"], rings)
 
 
@@ -276,6 +281,12 @@ def _synthetic_samples(d: Dict[str, Any], feat: Dict[str, Any], progress: bool):
                           cache_path=cache, tta=feat.get("tta", "none"), progress=progress,
                           subpatch_grid=feat.get("subpatch_grid", 1))
         samples.append(SpatialSample(sl.slide_id, sl.spots, f, meta={"image": sl.image}))
+    from ..workflows.context import context_features
+
+    rings = float(feat.get("context_rings", 0.0) or 0.0)
+    for s in samples:  # the same context as real data (it was skipped here before 2026-12-07)
+        s.meta["raw_features"] = s.features
+        s.features = context_features(s.features, s.adata.obsm["spatial"], rings)
     return samples, cohort.reference
 
 
@@ -497,6 +508,11 @@ def run_benchmark(
     n_patients = len(set(_group_labels(samples, "patient"))) if by == "section" else len(set(groups))
 
     x_all = _stack_features(samples)
+    method_cfgs_all = [m for m in cfg["methods"] if methods is None or m["name"] in methods]
+    x_variants = {"base": x_all}
+    wanted = _feature_variant_names(method_cfgs_all) - {"base"}
+    if wanted:
+        x_variants.update(_variant_matrices(data, cfg, sorted(wanted), seed, progress, log))
     candidates = _common_genes(samples)
     method_cfgs = [m for m in cfg["methods"] if methods is None or m["name"] in methods]
     wants_more_genes = any(m.get("train_genes") for m in method_cfgs)
@@ -577,7 +593,8 @@ def run_benchmark(
                         selections[skey] = select(
                             grids[m["name"]],
                             _inner_scorer(m["kind"], opts, train, ctx, cache, genes, dec_key,
-                                          (y_all[tri], totals[tri], candidates) if wants_more_genes else None),
+                                          (y_all[tri], totals[tri], candidates) if wants_more_genes else None,
+                                          {k: v[tri] for k, v in x_variants.items()}),
                             train.groups, metric=sel_cfg["metric"], max_inner_folds=int(sel_cfg["max_inner_folds"]),
                             seed=seed, val_fraction=float(cfg["split"].get("val_fraction", 0.2)), log=log)
                     selected = selections[skey]
@@ -586,8 +603,13 @@ def run_benchmark(
                         f"(inner {selected.metric} {selected.score:.3f})")
                 log(f"fold {fold['fold']} (test {','.join(fold['test_groups'])}) {gs['name']} {m['name']}: "
                     f"training on {len(tri)} observations, predicting {len(tei)} ...")
+                variant = opts.pop("features", "base")
+                m_train, m_test = train, test
+                if variant != "base":  # this method (or its choice) uses another feature variant
+                    m_train = replace(train, features=x_variants[variant][tri])
+                    m_test = replace(test, features=x_variants[variant][tei])
                 t0 = time.perf_counter()
-                pred = _call_method(m["kind"], opts, train, test, ctx)
+                pred = _call_method(m["kind"], opts, m_train, m_test, ctx)
                 secs = time.perf_counter() - t0
                 expr = np.asarray(pred.expression, dtype=np.float64)
                 if expr.shape != truth.shape:
@@ -666,26 +688,73 @@ def _stack_features(samples) -> np.ndarray:
     return np.concatenate([np.asarray(s.features, dtype=np.float32) for s in samples])
 
 
+def _feature_variant_names(method_cfgs) -> set:
+    """Every feature variant a method entry asks for (``features:`` or among its candidates)."""
+    names = set()
+    for m in method_cfgs:
+        names.add(m.get("features", "base"))
+        names.update((m.get("candidates") or {}).get("features") or [])
+    return names
+
+
+def canonical_stain_target() -> Dict[str, Any]:
+    """torchstain's built-in Macenko reference: a stain target that depends on no sample,
+    so stain-normalised features are computed once and no fold's test slide chooses it."""
+    import torchstain
+
+    norm = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
+    return {"method": "macenko", "he": np.asarray(norm.HERef, float).round(6).tolist(),
+            "max_c": np.asarray(norm.maxCRef, float).round(6).tolist(), "n_patches": 0, "source": "torchstain default"}
+
+
+def _variant_matrices(data: BenchmarkData, cfg: Dict[str, Any], names: Sequence[str], seed: int, progress: bool,
+                      log) -> Dict[str, np.ndarray]:
+    """Observation-stacked features of each variant (``cpnn.workflows.feature_variants``),
+    built from every sample's features before context, then given the configured context."""
+    from ..workflows.feature_variants import feature_variants
+    from ..workflows.spatial import FeatureSpec, SpatialSample
+
+    feat = cfg.get("features") or {}
+    raw = []
+    for s in data.samples:
+        if s.meta.get("raw_features") is None:
+            raise CPNNInputError(f"sample {s.sample_id} has no features before context, needed for feature "
+                                 "variants", field="methods[].features",
+                                 fix="load the data with cpnn.evaluate.benchmark.load_data, or drop the features option")
+        raw.append(SpatialSample(s.sample_id, s.adata, s.meta["raw_features"], s.meta))
+    spec = FeatureSpec(encoder=feat.get("encoder", "efficientnet-lite0"), patch_um=float(feat.get("patch_um", 112.0)),
+                       out_px=feat.get("out_px"), tta=feat.get("tta", "none"),
+                       subpatch_grid=int(feat.get("subpatch_grid", 1) or 1))
+    log(f"feature variants {', '.join(names)} ...")
+    stain = canonical_stain_target() if any("stain" in n for n in names) else None
+    out = feature_variants(raw, spec, list(names), stain_target=stain, cache_dir=feat.get("cache_dir"),
+                           context_rings=float(feat.get("context_rings", 0.0) or 0.0), seed=seed, progress=progress)
+    return {name: np.concatenate([np.asarray(per[s.sample_id], dtype=np.float32) for s in data.samples])
+            for name, per in out.items()}
+
+
 def _call_method(kind: str, opts: Dict[str, Any], train: TrainData, test: TestData, ctx: MethodContext):
     return get_method(kind)(train, test, ctx, **opts)
 
 
 def _inner_scorer(kind: str, opts: Dict[str, Any], train: TrainData, ctx: MethodContext, cache,
-                  genes: Sequence[str], dec_key: tuple, more: Optional[tuple]):
+                  genes: Sequence[str], dec_key: tuple, more: Optional[tuple], x_train: Dict[str, np.ndarray]):
     """``train_and_score`` of :func:`cpnn.evaluate.selection.select` for one method on one
-    outer fold: every array comes from ``train`` (the outer training part), never the test fold."""
-    from dataclasses import replace
+    outer fold: every array comes from ``train`` (the outer training part) and ``x_train``
+    (its rows of each feature variant), never the test fold."""
 
     def score(choice: Dict[str, Any], itr: np.ndarray, ival: np.ndarray, ite: np.ndarray, k: int) -> Dict[str, float]:
-        sub = TrainData(train.features[itr], train.counts[itr], train.groups[itr], ival, [train.ids[i] for i in itr])
+        full = {**opts, **choice}
+        x = x_train[full.pop("features", "base")]
+        sub = TrainData(x[itr], train.counts[itr], train.groups[itr], ival, [train.ids[i] for i in itr])
         if more is not None:
             y_tr, tot_tr, candidates = more
             sub.more_genes, sub.more_counts = _more_training_genes(y_tr[itr], tot_tr[itr], candidates, genes)
-        held = TestData(train.features[ite], train.groups[ite], [train.ids[i] for i in ite])
+        held = TestData(x[ite], train.groups[ite], [train.ids[i] for i in ite])
         # deconvolutions are cached per row set: an inner fold has its own key
         ictx = replace(ctx, deconvolution=lambda protos, counts, _k=dec_key + ("inner", k), **kw:
                        cache.deconvolution(_k, protos, counts, **kw))
-        pred = _call_method(kind, {**opts, **choice}, sub, held, ictx)
+        pred = _call_method(kind, full, sub, held, ictx)
         met = expression_metrics(np.asarray(pred.expression, dtype=np.float64), to_log1p_cp10k(train.counts[ite]),
                                  genes)
         met.pop("per_gene", None)

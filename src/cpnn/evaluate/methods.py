@@ -106,13 +106,19 @@ CPNN_SHORTCUTS = ("loss", "gene_factors", "learn_prototypes", "normalise_prototy
                   "composition_balance", "residual_head")
 
 
+#: the paper's spot head (METHOD.md §3): each type a composition over genes, no platform factors
+PAPER_SPOT_MODEL = {"normalise_prototypes": True, "gene_factors": False}
+
+
 def cpnn_configs(options: Dict[str, Any], seed: int, progress: bool = False):
     """(CPNNConfig, TrainConfig) of a ``cpnn`` method entry.
 
     ``preset: package`` (default) starts from ``cpnn fit``'s spot defaults
     (:data:`cpnn.workflows.fit.SPOT_MODEL_DEFAULTS`, ``SPOT_TRAIN_DEFAULTS``);
-    ``preset: paper`` from the paper's settings (the ``CPNNConfig``/``TrainConfig``
-    defaults, early stopping on the validation loss). ``model:``/``train:`` dicts and the
+    ``preset: paper`` from the paper's spot-level settings: its network and NB loss (the
+    ``CPNNConfig``/``TrainConfig`` defaults), its spot head ``p_i @ softmax_genes(T)``
+    (``normalise_prototypes=True`` without the platform factors ``a, b``) and early
+    stopping on the validation loss. ``model:``/``train:`` dicts and the
     shortcuts ``loss``, ``gene_factors``, ``learn_prototypes`` ... override them.
     """
     from ..config import CPNNConfig, TrainConfig, config_from_dict
@@ -122,7 +128,7 @@ def cpnn_configs(options: Dict[str, Any], seed: int, progress: bool = False):
     if preset == "package":
         model, train = dict(SPOT_MODEL_DEFAULTS), dict(SPOT_TRAIN_DEFAULTS)
     elif preset == "paper":
-        model, train = {}, {"early_stopping": "val_loss"}
+        model, train = dict(PAPER_SPOT_MODEL), {"early_stopping": "val_loss"}
     else:
         raise CPNNInputError(f"unknown cpnn preset {preset!r}", field="methods[].preset", fix="use package or paper")
     model.update(options.get("model") or {})

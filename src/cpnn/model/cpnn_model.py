@@ -257,6 +257,10 @@ class CPNN:
         train_cpnn = _trainer()
         self.modules, self.train_results = [], []
         members = []
+        wants_residual = self.config.residual_head == "ridge"
+        # out-of-fold mixture: each bag predicted by the members that never trained on it
+        oof_sum = np.zeros((data.n_bags, len(self.genes)), dtype=np.float64) if wants_residual else None
+        oof_n = np.zeros(data.n_bags, dtype=np.int64)
         for member in range(self.train_config.n_models):
             train_idx, val_idx = carve_validation(data.n_bags, self.train_config, groups, val_bags, member)
             members.append({"train": train_idx.tolist(), "val": val_idx.tolist()})
@@ -267,6 +271,12 @@ class CPNN:
                 self.train_config.progress_desc, member, self.train_config.n_models))
             val = data.subset(val_idx) if len(val_idx) else None
             result = train_cpnn(module, data.subset(train_idx), val, self.config, tc)
+            if wants_residual and len(val_idx):
+                from ..train.loop import predict_bags
+
+                oof = predict_bags(module, val, device=self.train_config.device, return_patch_outputs=False)
+                oof_sum[val_idx] += oof["bag_expr"]
+                oof_n[val_idx] += 1
             if self.train_config.refit and val is not None:
                 # same initialisation, every training bag, the epochs validation chose
                 members[-1]["refit_epochs"] = int(result.best_epoch) + 1
@@ -280,19 +290,33 @@ class CPNN:
         if len(members) > 1:
             self.split["members"] = members
         self.residual = None
-        if self.config.residual_head == "ridge":
-            self.residual = self._fit_residual(data, y, groups if residual_groups is None else residual_groups)
+        if wants_residual:
+            self.residual = self._fit_residual(data, y, groups if residual_groups is None else residual_groups,
+                                               oof_sum, oof_n)
         return self
 
-    def _fit_residual(self, data, counts: np.ndarray, groups):
-        """The residual head on every training spot: bag-mean scaled features ->
-        observed minus mixture log1p CP10k (see :mod:`cpnn.model.residual`)."""
+    def _fit_residual(self, data, counts: np.ndarray, groups, oof_sum: np.ndarray, oof_n: np.ndarray):
+        """The residual head, cross-fitted: bag-mean scaled features -> observed minus
+        *out-of-fold* mixture log1p CP10k, on the training spots that some member held out
+        for validation (see :mod:`cpnn.model.residual`). Fitting it on the mixture's
+        in-sample predictions would teach it the networks' training error, not what the
+        mixture misses on new tissue, and make its keep/drop choice optimistic."""
         from ..evaluate.metrics import to_log1p_cp10k
         from .residual import ResidualHead
 
-        mix = self._ensemble_outputs(data, return_patch_outputs=False)["bag_expr"]
-        return ResidualHead(seed=self.train_config.seed).fit(
-            data.bag_means(), np.log1p(mix.astype(np.float64) * 1e4), to_log1p_cp10k(counts), groups)
+        rows = np.flatnonzero(oof_n > 0)
+        if len(rows) < 4:
+            raise CPNNInputError(
+                f"the residual head is fitted on out-of-fold predictions, but only {len(rows)} training "
+                "observations were held out by an ensemble member", field="config.residual_head",
+                fix="train an ensemble with validation parts (n_models >= 2, val_fraction > 0, "
+                    "early stopping on) or use residual_head='none'")
+        mix = oof_sum[rows] / oof_n[rows, None]
+        head_groups = None if groups is None else np.asarray(groups)[rows]
+        head = ResidualHead(seed=self.train_config.seed).fit(
+            data.bag_means()[rows], np.log1p(mix * 1e4), to_log1p_cp10k(counts[rows]), head_groups)
+        head.oof_fraction_ = float(len(rows) / data.n_bags)
+        return head
 
     def _new_member(self, in_dim: int, seed: int, balance=None):
         """A freshly initialised ensemble member (``seed``) with its composition type weights."""

@@ -4,10 +4,13 @@ A mixture of fixed cell-type prototypes can only express what differs *between* 
 Programs that every type switches on together in some regions (HLA class I and B2M
 under interferon, stress and ribosomal programs) are invisible to it. The residual head
 is a ridge map from a bag's (already scaled) mean features to what the mixture leaves
-unexplained on log1p CP10k, fitted after the network on the training bags.
+unexplained on log1p CP10k, fitted after the networks, *cross-fitted*: its targets are the
+mixture's out-of-fold predictions (each training bag predicted by the ensemble members
+that held it out for validation), so it learns what the mixture misses on tissue it has
+not seen rather than the networks' training error.
 
 It only acts when it helps: its penalty is chosen by inner cross-validation over the
-training groups (sections / patients) on the *final* prediction — mixture plus residual —
+training groups (sections / patients) on the *final* out-of-fold prediction — mixture plus residual —
 with "no residual" among the candidates, so on data where the mixture already explains
 what the features can predict the head stays off. It never changes the cell-type weights.
 """
@@ -43,6 +46,7 @@ class ResidualHead:
         self.seed = seed
         self.alpha_: Optional[float] = None  # None: off
         self.cv_scores_: Dict[str, float] = {}
+        self.oof_fraction_: Optional[float] = None  # share of training bags with an out-of-fold mixture
         self._probe: Optional[RidgeProbe] = None
 
     @property
@@ -98,7 +102,7 @@ class ResidualHead:
     def to_dict(self) -> Dict[str, Any]:
         """Numbers and numpy arrays (the model file stores the arrays as tensors)."""
         out: Dict[str, Any] = {"alpha": self.alpha_, "cv_scores": dict(self.cv_scores_),
-                               "n_components": self.n_components}
+                               "n_components": self.n_components, "oof_fraction": self.oof_fraction_}
         if self._probe is not None:
             p = self._probe
             out.update(mean=p.mean_.astype(np.float32), std=p.std_.astype(np.float32),
@@ -111,6 +115,8 @@ class ResidualHead:
         head = cls(n_components=int(d.get("n_components", 256)))
         head.alpha_ = d.get("alpha")
         head.cv_scores_ = dict(d.get("cv_scores") or {})
+        oof = d.get("oof_fraction")
+        head.oof_fraction_ = None if oof is None else float(oof)
         if head.alpha_ is not None:
             p = RidgeProbe(n_components=head.n_components, alphas=[head.alpha_])
             p.alpha_ = head.alpha_

@@ -70,7 +70,9 @@ class FitOptions:
         opts.seed = args.seed if args.seed is not None else cfg.get("seed", opts.seed)
         feat = dict(cfg.get("features", {}))
         for key, flag in (("encoder", "encoder"), ("patch_um", "patch_um"), ("tta", "tta"),
-                          ("context_rings", "context_rings"), ("subpatch_grid", "subpatch_grid")):
+                          ("context_rings", "context_rings"), ("subpatch_grid", "subpatch_grid"),
+                          ("slide_standardise", "slide_standardise"), ("nuclei", "nuclei"),
+                          ("stain_norm", "stain_norm")):
             if getattr(args, flag, None) is not None:
                 feat[key] = getattr(args, flag)
         opts.features = FeatureSpec(**{**SPOT_FEATURE_DEFAULTS, **feat})
@@ -215,7 +217,8 @@ def run_fit(samples: List[SpatialSample], opts: FitOptions, out: Path, features_
         "best": best,
         "residual_head": None if model.residual is None else {
             "active": bool(model.residual.active), "alpha": model.residual.alpha_,
-            "inner_cv_pearson": model.residual.cv_scores_},
+            "inner_cv_pearson": model.residual.cv_scores_,
+            "out_of_fold_fraction": model.residual.oof_fraction_},
         "history": hist,
         "seconds": {"prototypes": round(t_protos, 1), "features": round(t_feats, 1),
                     "total": round(time.perf_counter() - t0, 1)},

@@ -22,7 +22,15 @@ class FeatureSpec:
     spatial context (``context_rings`` spot pitches of neighbours averaged and appended;
     0 = the spot's own patch only) and sub-patches (``subpatch_grid`` g > 1: each spot a
     bag of g x g sub-patches of ``patch_um / g`` microns, each resampled to ``out_px``;
-    None: whatever precomputed feature files hold, set by :func:`attach_features`)."""
+    None: whatever precomputed feature files hold, set by :func:`attach_features`).
+
+    Options for a new patient's scan (all off by default; see docs/USAGE.md):
+    ``stain_norm`` ``"macenko"`` redraws every patch in the training slides' stain colours
+    before the encoder (``stain_target``, fitted at fit time on the training patches and
+    recorded with the model); ``nuclei`` appends the 16 nuclear-morphology features of
+    :mod:`cpnn.image.nuclei` to each patch's CNN features; ``slide_standardise``
+    (``"center"`` or ``"robust"``) standardises each slide's features on that slide's own
+    statistics (:func:`cpnn.workflows.transforms.standardise_slide`), before the context."""
 
     encoder: str = "efficientnet-lite0"
     patch_um: float = 112.0
@@ -31,18 +39,50 @@ class FeatureSpec:
     batch_size: int = 32
     context_rings: float = 0.0
     subpatch_grid: Optional[int] = 1
+    slide_standardise: str = "none"
+    nuclei: bool = False
+    stain_norm: str = "none"
+    stain_target: Optional[Dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        from ..image.stain import STAIN_METHODS
+        from .transforms import check_slide_standardise
+
+        check_slide_standardise(self.slide_standardise)
+        if self.stain_norm not in STAIN_METHODS:
+            raise CPNNInputError(f"unknown stain normalisation {self.stain_norm!r}", field="stain_norm",
+                                 fix=f"use one of {', '.join(STAIN_METHODS)}")
+        if not isinstance(self.nuclei, (bool, np.bool_)):
+            raise CPNNInputError(f"nuclei must be true or false, got {self.nuclei!r}", field="nuclei",
+                                 fix="use nuclei: true (append nuclear-morphology features) or false")
+        self.nuclei = bool(self.nuclei)
 
     def as_dict(self) -> Dict[str, Any]:
         return {"name": self.encoder, "patch_um": self.patch_um, "out_px": self.out_px, "tta": self.tta,
-                "context_rings": self.context_rings, "subpatch_grid": self.subpatch_grid}
+                "context_rings": self.context_rings, "subpatch_grid": self.subpatch_grid,
+                "slide_standardise": self.slide_standardise, "nuclei": self.nuclei,
+                "stain_norm": self.stain_norm, "stain_target": self.stain_target}
 
     @classmethod
     def from_encoder_info(cls, enc: Dict[str, Any]) -> "FeatureSpec":
-        """The spec a trained model's ``encoder`` record describes."""
+        """The spec a trained model's ``encoder`` record describes (records written before
+        the new-patient options have them off)."""
         return cls(encoder=enc.get("name", "efficientnet-lite0"), patch_um=float(enc.get("patch_um", 112.0)),
                    out_px=enc.get("out_px"), tta=enc.get("tta", "none"),
                    context_rings=float(enc.get("context_rings", 0.0) or 0.0),
-                   subpatch_grid=int(enc.get("subpatch_grid", 1) or 1))
+                   subpatch_grid=int(enc.get("subpatch_grid", 1) or 1),
+                   slide_standardise=enc.get("slide_standardise") or "none",
+                   nuclei=bool(enc.get("nuclei", False)), stain_norm=enc.get("stain_norm") or "none",
+                   stain_target=enc.get("stain_target"))
+
+    def cache_name(self, sample_id: str) -> str:
+        """File name of a sample's cached CNN features: stain-normalised features carry the
+        method and the target's hash, so caches of different colours never mix."""
+        if self.stain_norm == "none":
+            return f"{sample_id}.h5"
+        from ..image.stain import stain_target_tag
+
+        return f"{sample_id}_{self.stain_norm}-{stain_target_tag(self.stain_target)}.h5"
 
 
 @dataclass
@@ -125,13 +165,26 @@ def attach_features(
     progress: bool = True,
 ) -> None:
     """Fill ``sample.features``: read from ``features_dir/{sample}.h5`` or extract (cached),
-    then append the spatial context when ``spec.context_rings > 0``.
+    then the new-patient options of ``spec`` (nuclei appended, slide standardisation), then
+    the spatial context when ``spec.context_rings > 0``.
 
     With ``features_dir`` and ``spec.subpatch_grid`` None, the first file's grid is taken
-    (and written into ``spec``); every file must then match it. With ``progress``, one
+    (and written into ``spec``); every file must then match it. With ``spec.stain_norm``
+    ``"macenko"`` and no ``spec.stain_target`` (fit), the target is fitted on these samples'
+    patches and written into ``spec`` (predict passes the model's). With ``progress``, one
     line per sample says which it is and where its features come from."""
     from .context import context_features
+    from .transforms import standardise_slide
 
+    if features_dir is not None and spec.stain_norm != "none":
+        raise CPNNInputError("precomputed feature files cannot be stain-normalised (the patches are "
+                             "normalised before the encoder)", field="--stain-norm",
+                             fix="drop --features to let cpnn extract normalised features, or use --stain-norm none")
+    if spec.stain_norm != "none" and spec.stain_target is None:
+        spec.stain_target = fit_sample_stain_target(samples, spec)
+        if progress:
+            print(f"stain normalisation: Macenko target fitted on {spec.stain_target['n_patches']} "
+                  f"training patches", flush=True)
     encoder = None
     for i, s in enumerate(samples):
         if progress:
@@ -141,22 +194,109 @@ def attach_features(
             if spec.subpatch_grid is None:
                 spec.subpatch_grid = feature_grid(s.features, Path(features_dir) / f"{s.sample_id}.h5")
             check_feature_grid(s.features, spec.subpatch_grid, Path(features_dir) / f"{s.sample_id}.h5")
-            s.features = context_features(s.features, s.adata.obsm[SPATIAL], spec.context_rings)
-            continue
-        if spec.subpatch_grid is None:
-            raise CPNNInputError("the sub-patch grid is unset and there are no feature files to take it from",
-                                 field="subpatch_grid", fix="set subpatch_grid (e.g. 2, or 1 for one patch per spot)")
-        if encoder is None:
-            from ..encoders import create_encoder
+        else:
+            if spec.subpatch_grid is None:
+                raise CPNNInputError("the sub-patch grid is unset and there are no feature files to take it from",
+                                     field="subpatch_grid",
+                                     fix="set subpatch_grid (e.g. 2, or 1 for one patch per spot)")
+            if encoder is None:
+                from ..encoders import create_encoder
 
-            encoder = create_encoder(spec.encoder)
-        from .features import spot_features
+                encoder = create_encoder(spec.encoder)
+            from .features import spot_features
 
-        cache = None if cache_dir is None else Path(cache_dir) / f"{s.sample_id}.h5"
-        s.features = spot_features(s.adata, encoder, patch_um=spec.patch_um, out_px=spec.out_px,
-                                   cache_path=cache, tta=spec.tta, batch_size=spec.batch_size, progress=progress,
-                                   subpatch_grid=spec.subpatch_grid)
+            cache = None if cache_dir is None else Path(cache_dir) / spec.cache_name(s.sample_id)
+            slide, normaliser = _slide_for_spec(s, spec)
+            s.features = spot_features(s.adata, encoder, slide=slide, patch_um=spec.patch_um, out_px=spec.out_px,
+                                       cache_path=cache, tta=spec.tta, batch_size=spec.batch_size,
+                                       progress=progress, subpatch_grid=spec.subpatch_grid)
+            if normaliser is not None:
+                s.meta["stain_norm"] = {"normalised": normaliser.n_normalised, "passed_through": normaliser.n_passed}
+                if progress and normaliser.n_passed:
+                    print(f"  stain normalisation: {normaliser.n_passed} of "
+                          f"{normaliser.n_passed + normaliser.n_normalised} patches passed through unchanged "
+                          "(background or too little tissue)", flush=True)
+        if spec.nuclei:
+            s.features = np.concatenate([s.features, sample_nucleus_features(s, spec)], axis=-1)
+        s.features = standardise_slide(s.features, spec.slide_standardise)
         s.features = context_features(s.features, s.adata.obsm[SPATIAL], spec.context_rings)
+
+
+def _slide_for_spec(sample: SpatialSample, spec: FeatureSpec):
+    """The sample's slide, wrapped in the stain normaliser when ``spec`` asks for one."""
+    if spec.stain_norm == "none":
+        return None, None  # spot_features opens the image itself
+    from ..image.stain import MacenkoNormaliser, StainNormalisedSlide
+
+    normaliser = MacenkoNormaliser(spec.stain_target)
+    return StainNormalisedSlide(_sample_slide(sample), normaliser), normaliser
+
+
+def _sample_slide(sample: SpatialSample):
+    """The image of a sample: an in-memory one in ``meta['image']`` (synthetic data) or its file."""
+    from .features import slide_for
+
+    if sample.meta.get("image") is not None:
+        from ..image import ArraySlide
+
+        mpp = dict(sample.adata.uns.get(UNS_INPUT, {})).get("mpp")
+        return ArraySlide(sample.meta["image"], mpp)
+    try:
+        return slide_for(sample.adata)
+    except CPNNInputError as exc:
+        raise CPNNInputError(f"sample {sample.sample_id}: {exc.problem}", field=exc.field,
+                             fix="--nuclei and --stain-norm read the images: give them (--image), "
+                                 "or drop these options") from None
+
+
+def _patch_centres(sample: SpatialSample, spec: FeatureSpec, slide):
+    """Centres and side (microns) of the patches the features describe (sub-patches when g > 1)."""
+    from .features import subpatch_centres
+
+    centers = np.asarray(sample.adata.obsm[SPATIAL], dtype=np.float64)
+    grid = int(spec.subpatch_grid or 1)
+    if grid > 1:
+        centers, _ = subpatch_centres(centers, [str(o) for o in sample.adata.obs_names], spec.patch_um, grid, slide)
+    return centers, float(spec.patch_um) / grid
+
+
+def sample_nucleus_features(sample: SpatialSample, spec: FeatureSpec, seed: int = 0) -> np.ndarray:
+    """Nuclear-morphology features of a sample's patches (the same squares as its CNN
+    features; the original colours, with the slide's own haematoxylin threshold).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, 16)``, or ``(N, g * g, 16)`` with ``g x g`` sub-patches, float32.
+    """
+    from ..image.nuclei import slide_nucleus_features
+
+    slide = _sample_slide(sample)
+    centers, side_um = _patch_centres(sample, spec, slide)
+    feats, threshold = slide_nucleus_features(slide, centers, side_um, seed=seed)
+    sample.meta["nuclei_threshold"] = threshold
+    grid = int(spec.subpatch_grid or 1)
+    return feats.reshape(sample.adata.n_obs, grid * grid, -1) if grid > 1 else feats
+
+
+def fit_sample_stain_target(samples: Sequence[SpatialSample], spec: FeatureSpec, max_patches: int = 64,
+                     seed: int = 0) -> Dict[str, Any]:
+    """Macenko target of the (training) samples: up to ``max_patches`` of their spot patches
+    (sub-patches when g > 1, at the encoder's input size), a seeded sample spread over the
+    samples."""
+    from ..image import spot_patches
+    from ..image.stain import fit_stain_target as fit_target
+
+    rng = np.random.default_rng(seed)
+    per_sample = max(1, int(np.ceil(max_patches / max(1, len(samples)))))
+    patches = []
+    for s in samples:
+        slide = _sample_slide(s)
+        centers, side_um = _patch_centres(s, spec, slide)
+        pick = np.sort(rng.choice(len(centers), min(len(centers), per_sample), replace=False))
+        out_px = int(spec.out_px or 224)
+        patches.extend(spot_patches(slide, centers[pick], patch_um=side_um, out_px=out_px, batch_size=len(pick)))
+    return fit_target(patches, max_patches=max_patches, seed=seed)
 
 
 def _feature_stage(sample: SpatialSample, spec: FeatureSpec, i: int, n: int, features_dir, cache_dir) -> str:
@@ -166,10 +306,12 @@ def _feature_stage(sample: SpatialSample, spec: FeatureSpec, i: int, n: int, fea
     grid = int(spec.subpatch_grid or 1)
     n_obs = sample.adata.n_obs
     what = f"{n_obs} spots x {grid}x{grid} sub-patches" if grid > 1 else f"{n_obs} spots"
-    cache = None if cache_dir is None else Path(cache_dir) / f"{sample.sample_id}.h5"
+    cache = None if cache_dir is None else Path(cache_dir) / spec.cache_name(sample.sample_id)
+    extra = "".join(f", {x}" for x, on in (("Macenko-normalised", spec.stain_norm != "none"),
+                                           ("+ nuclei", spec.nuclei)) if on)
     if cache is not None and cache.is_file():
-        return f"{head}: {what}, reusing {cache} (re-extracted if its settings differ)"
-    return f"{head}: extracting {what} ({spec.encoder}, {spec.patch_um:g} µm patches)"
+        return f"{head}: {what}{extra}, reusing {cache} (re-extracted if its settings differ)"
+    return f"{head}: extracting {what} ({spec.encoder}, {spec.patch_um:g} µm patches{extra})"
 
 
 def feature_grid(features: np.ndarray, path=None) -> int:

@@ -154,6 +154,7 @@ def predict_slide(model, slide_path: Union[str, os.PathLike], mpp: Optional[floa
 
         model = load_run_model(Path(model))
     enc = dict(model.encoder or {})
+    _refuse_patch_options(enc)
     tile_px, target_mpp = _tile_settings(model, tile_px, target_mpp)
     if progress:
         print(f"tiling the tissue of {Path(slide_path).name}: {tile_px} px tiles at {target_mpp:g} µm/px "
@@ -165,7 +166,10 @@ def predict_slide(model, slide_path: Union[str, os.PathLike], mpp: Optional[floa
                                progress=progress)
     n = len(ff.features)
     side = facts["tile_level0"]
-    feats = ff.features
+    from .transforms import standardise_slide
+
+    # the slide standardisation the model was trained with, on this slide's own tiles
+    feats = standardise_slide(ff.features, enc.get("slide_standardise") or "none") if n else ff.features
     rings = float(enc.get("context_rings", 0.0) or 0.0)
     if rings > 0 and n > 1:  # the same neighbourhood context the model was trained with
         from .context import context_features
@@ -216,6 +220,19 @@ def predict_slide(model, slide_path: Union[str, os.PathLike], mpp: Optional[floa
     return adata
 
 
+def _refuse_patch_options(enc: Dict) -> None:
+    """Whole-slide tiles are encoded without stain normalisation or nucleus features: a
+    model trained with either would get features unlike its training ones."""
+    used = [f"{flag} {value}" for flag, value, off in (
+        ("--stain-norm", enc.get("stain_norm") or "none", "none"), ("--nuclei", bool(enc.get("nuclei")), False))
+        if value != off]
+    if used:
+        raise CPNNInputError(
+            f"whole-slide prediction does not support models trained with {' and '.join(used)}",
+            field="--slide", fix="predict the slide's spots (cpnn predict RUN --h5ad/--visium ...), or train "
+                                 "without these options for whole-slide maps")
+
+
 def predict_bag_streaming(model, chunks: Iterable[np.ndarray]) -> Dict[str, np.ndarray]:
     """Bulk prediction of one bag read chunk by chunk (memory does not grow with the bag).
 
@@ -236,6 +253,13 @@ def predict_bag_streaming(model, chunks: Iterable[np.ndarray]) -> Dict[str, np.n
     import torch
 
     model._check_fitted()
+    enc = dict(model.encoder or {})
+    _refuse_patch_options(enc)
+    if (enc.get("slide_standardise") or "none") != "none":
+        # chunk by chunk, the slide's own statistics are unknown until the end
+        raise CPNNInputError("streaming bag prediction does not support per-slide standardisation",
+                             field="slide_standardise",
+                             fix="use model.predict(standardise_slide(features, mode), bags=[0, n]) or predict_slide")
     members = list(model.modules)  # an ensemble: every member, averaged as CPNN.predict does
     for m in members:
         m.eval()
