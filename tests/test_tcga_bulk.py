@@ -316,3 +316,31 @@ def test_patient_level_labels_take_the_patients_slides(cohort):
     m = match_slides(slides, bulk)
     assert len(m.bags["TCGA-XS-A001"]) == 2 and len(m.bags["TCGA-XS-A004-01"]) == 1  # 15-char sample labels too
     assert m.rna_without_slide == ["other"] and len(m.slides_without_rna) == len(slides) - 3
+
+
+def test_paper_preset_on_bags_is_the_slide_head():
+    """On slide bags the paper preset keeps the platform factors a, b and exp(T) (METHOD.md §3),
+    not the spot head that the spot-level paper preset uses."""
+    from cpnn.config import CPNNConfig
+    from cpnn.evaluate import slide_methods
+    from cpnn.evaluate.methods import MethodContext, TestData, TrainData
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(options, seed, progress=False):
+        seen.update(options.get("model") or {})
+        raise Stop
+
+    ctx = MethodContext(genes=["a"], seed=0, fold=0, gene_set="g", prototypes=None, deconvolution=None)
+    train = TrainData(np.empty(0, object), np.ones((0, 1)), np.empty(0), np.zeros(0, bool))
+    orig = slide_methods.cpnn_configs
+    slide_methods.cpnn_configs = spy
+    try:
+        with pytest.raises(Stop):
+            slide_methods.run_cpnn_bags(train, TestData(np.empty(0, object), np.empty(0)), ctx, preset="paper")
+    finally:
+        slide_methods.cpnn_configs = orig
+    assert seen["gene_factors"] == CPNNConfig().gene_factors and seen["normalise_prototypes"] is False

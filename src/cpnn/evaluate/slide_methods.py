@@ -7,8 +7,8 @@ A slide-level benchmark (``data: {kind: bulk}``) hands methods a 1-D object arra
 * ``cpnn`` on bags (dispatched from :func:`cpnn.evaluate.methods.run_cpnn`): CPNN with one
   bag per slide, composition targets from deconvolving the training bulks; presets as
   for spots (``package``: ``cpnn fit``'s defaults with 8 bags per step, as
-  ``cpnn fit --level bulk`` trains; ``paper``: METHOD.md §5, early stopping on the
-  validation loss);
+  ``cpnn fit --level bulk`` trains; ``paper``: the paper's slide head, NB loss and
+  METHOD.md §5 training, early stopping on the validation loss);
 * ``meanpool_mlp``, ``abmil``, ``he2rna``, ``sum_of_tiles``: the slide baselines of
   :mod:`cpnn.model.slide_baselines` (same early stopping and validation carve);
 * ``ridge`` and ``mlp`` work on bags as they are: :func:`cpnn.evaluate.methods.spot_level`
@@ -22,8 +22,8 @@ from typing import List
 import numpy as np
 
 from ..errors import CPNNInputError
-from .methods import (MethodContext, MethodOutput, TestData, TrainData, cpnn_configs, deconvolution_targets,
-                      register_method)
+from .methods import (PAPER_SPOT_MODEL, MethodContext, MethodOutput, TestData, TrainData, cpnn_configs,
+                      deconvolution_targets, register_method)
 
 #: options of a slide baseline entry that go to the optimiser (the rest go to its module)
 _TRAIN_KEYS = ("train", "seed", "feature_scaling")
@@ -68,6 +68,12 @@ def run_cpnn_bags(train: TrainData, test: TestData, ctx: MethodContext, /, **opt
     from ..workflows.pseudobulk import BULK_TRAIN_OVERRIDES
 
     t0 = time.perf_counter()
+    if options.get("preset") == "paper":
+        # the paper's slide head (METHOD.md §3: exp(a_g) e_i + exp(b_g), exp(T)), not its spot head
+        from ..config import CPNNConfig
+
+        slide_head = {k: getattr(CPNNConfig(), k) for k in PAPER_SPOT_MODEL}
+        options = {**options, "model": {**slide_head, **(options.get("model") or {})}}
     cfg, tcfg = cpnn_configs({**options, "residual_head": "none"}, ctx.seed, ctx.progress)
     if options.get("preset", "package") == "package":
         # as `cpnn fit --level bulk` trains: the spot defaults with 8 bags per step
