@@ -85,6 +85,7 @@ def _register_optional(sub) -> None:
         "cpnn.cli_encoders",
         "cpnn.cli_view",
         "cpnn.cli_export",
+        "cpnn.cli_tcga",
     ):
         try:
             module = importlib.import_module(module_name)

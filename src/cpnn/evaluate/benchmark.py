@@ -172,6 +172,14 @@ def load_data(cfg: Dict[str, Any], progress: bool = True) -> BenchmarkData:
     d = cfg["data"]
     kind = d["kind"]
     feat = cfg["features"]
+    if kind == "bulk":  # whole slides with bulk RNA-seq: one observation per sample, a bag of tiles
+        from .slide_data import load_bulk_data
+
+        return load_bulk_data(cfg, progress)
+    if kind == "pseudobulk":  # regions of spatial data: summed counts, a bag of their spots' patches
+        from .slide_data import load_pseudobulk_data
+
+        return load_pseudobulk_data(cfg, progress)
     if kind == "synthetic":
         samples, reference = _synthetic_samples(d, feat, progress)
     else:
@@ -187,7 +195,7 @@ def load_data(cfg: Dict[str, Any], progress: bool = True) -> BenchmarkData:
             samples = load_inputs(h5ad=d["paths"], image=d.get("images"), mpp=d.get("mpp"), require_image=need_image)
         else:
             raise CPNNInputError(f"unknown data kind {kind!r}", field="data.kind",
-                                 fix="use her2st, visium, hest, h5ad or synthetic")
+                                 fix="use her2st, visium, hest, h5ad, synthetic, bulk or pseudobulk")
         _attach(samples, feat, progress)
         reference = None
     ref_cfg = cfg.get("reference")
@@ -509,7 +517,7 @@ def run_benchmark(
                           "val_fraction": cfg["split"].get("val_fraction"), "n_observations": len(ids)})
     n_patients = len(set(_group_labels(samples, "patient"))) if by == "section" else len(set(groups))
 
-    x_all = np.concatenate([np.asarray(s.features, dtype=np.float32) for s in samples])
+    x_all = _stack_features(samples)
     method_cfgs_all = [m for m in cfg["methods"] if methods is None or m["name"] in methods]
     x_variants = {"base": x_all}
     wanted = _feature_variant_names(method_cfgs_all) - {"base"}
@@ -678,6 +686,16 @@ def run_benchmark(
         write_json(out / "meta.json", meta)
         log(f"wrote {out / 'results.csv'} and {out / 'report.md'} ({meta['seconds_total']:.0f} s)")
     return res
+
+
+def _stack_features(samples) -> np.ndarray:
+    """Every observation's features in one array; slide bags (object arrays) as one 1-D
+    object array of ``(n_tiles, D)`` bags."""
+    if any(getattr(s.features, "dtype", None) == object for s in samples):
+        from ..workflows.bulk import as_bag_array
+
+        return as_bag_array([b for s in samples for b in s.features])
+    return np.concatenate([np.asarray(s.features, dtype=np.float32) for s in samples])
 
 
 def _feature_variant_names(method_cfgs) -> set:

@@ -170,6 +170,10 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
     shortcuts of :func:`cpnn_configs`."""
     from ..model import CPNN
 
+    if getattr(train.features, "dtype", None) == object:  # slide bags (data kind bulk)
+        from .slide_methods import run_cpnn_bags
+
+        return run_cpnn_bags(train, test, ctx, **options)
     t0 = time.perf_counter()
     cfg, tcfg = cpnn_configs(options, ctx.seed, ctx.progress)
     label, proto_method = options.get("label"), options.get("prototypes", "regression")
@@ -190,20 +194,7 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
         counts = np.concatenate([train.counts, train.more_counts[:, :len(extra)]], axis=1)
     model = CPNN(model_protos, cfg, tcfg, encoder=ctx.encoder)
     model.preset = options.get("preset", "package")
-    targets: Any = None
-    mode = options.get("composition_targets", "deconvolve")
-    if mode == "deconvolve":
-        # one deconvolution per (fold, gene set, prototypes) shared by all variants, over
-        # the scored genes; the same initialisation of the gene factors as
-        # CPNN.fit(..., "deconvolve") (extra genes start at the mean factor)
-        dec = ctx.deconvolution(protos, train.counts, **(options.get("deconvolution") or {}))
-        lpf = np.log(np.clip(dec.platform_factor, 1e-8, None)).astype(np.float32)
-        lpf = lpf - lpf.mean()
-        model.log_platform_factor = np.concatenate([lpf, np.zeros(counts.shape[1] - n_scored, np.float32)])
-        targets = np.asarray(dec.proportions, dtype=np.float32)
-    elif mode not in (None, "none"):
-        raise CPNNInputError(f"unknown composition_targets {mode!r}", field="methods[].composition_targets",
-                             fix="use deconvolve or none")
+    targets = deconvolution_targets(model, ctx, protos, train.counts, options, counts.shape[1] - n_scored)
     # one model: the split's validation part; an ensemble: each member validates on
     # another training group (all of them training data, never the test fold)
     val = np.flatnonzero(train.val) if train.val.any() and tcfg.n_models == 1 else None
@@ -224,10 +215,33 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
     )
 
 
+def deconvolution_targets(model, ctx: MethodContext, protos, counts: np.ndarray, options: Dict[str, Any],
+                          n_extra: int = 0) -> Optional[np.ndarray]:
+    """Composition targets of a ``cpnn`` entry (``composition_targets: deconvolve`` or
+    ``none``), setting ``model.log_platform_factor`` as ``CPNN.fit(..., "deconvolve")`` does.
+
+    One deconvolution per (fold, gene set, prototypes) shared by all variants, over the
+    scored genes; ``n_extra`` modelled genes beyond them start at the mean factor."""
+    mode = options.get("composition_targets", "deconvolve")
+    if mode in (None, "none"):
+        return None
+    if mode != "deconvolve":
+        raise CPNNInputError(f"unknown composition_targets {mode!r}", field="methods[].composition_targets",
+                             fix="use deconvolve or none")
+    dec = ctx.deconvolution(protos, counts, **(options.get("deconvolution") or {}))
+    lpf = np.log(np.clip(dec.platform_factor, 1e-8, None)).astype(np.float32)
+    lpf = lpf - lpf.mean()
+    model.log_platform_factor = np.concatenate([lpf, np.zeros(n_extra, np.float32)])
+    return np.asarray(dec.proportions, dtype=np.float32)
+
+
 # --------------------------------------------------------------------------- baselines
 def spot_level(features: np.ndarray) -> np.ndarray:
     """One row per observation: ``(N, k, D)`` sub-patch features averaged over the
-    sub-patches (methods without a bag head), ``(N, D)`` unchanged."""
+    sub-patches (methods without a bag head), slide bags (a 1-D object array of
+    ``(n_i, D)``) averaged over their tiles, ``(N, D)`` unchanged."""
+    if getattr(features, "dtype", None) == object:
+        return np.stack([np.asarray(b, dtype=np.float64).mean(0) for b in features]).astype(np.float32)
     features = np.asarray(features, dtype=np.float32)
     return features.mean(axis=1) if features.ndim == 3 else features
 
@@ -258,3 +272,6 @@ def run_mlp(train: TrainData, test: TestData, ctx: MethodContext, /, **options) 
         raise CPNNInputError(f"bad mlp option: {exc}", field="methods[]") from exc
     mlp.fit(spot_level(train.features), to_log1p_cp10k(train.counts), groups=train.groups)
     return MethodOutput(expression=mlp.predict(spot_level(test.features)))
+
+
+from . import slide_methods  # noqa: E402,F401  (registers the slide-level kinds)

@@ -105,11 +105,23 @@ class RidgeProbe:
             yield test_mask, [pte @ coefs[i] + inter[i] for i in range(len(grid))]
 
     def _inner_cv(self, x, y, grid, groups) -> float:
+        if len(grid) == 1:
+            self.cv_scores_ = {float(grid[0]): float("nan")}
+            return float(grid[0])
         folds = inner_folds(len(x), groups, self.n_inner_folds, self.seed)
         scores = np.zeros(len(grid))
-        for test_mask, preds in self.cv_path(x, y, grid, folds):
-            for i, pred in enumerate(preds):
-                scores[i] += _mean_pearson(pred, y[test_mask]) / len(folds)
+        if min(int(m.sum()) for m in folds) < 3:
+            # slide level: a fold of one or two slides has no correlation of its own, so
+            # the held-out predictions of every fold are pooled and scored together
+            pooled = np.zeros((len(grid),) + y.shape)
+            for test_mask, preds in self.cv_path(x, y, grid, folds):
+                for i, pred in enumerate(preds):
+                    pooled[i][test_mask] = pred
+            scores = np.array([_mean_pearson(pooled[i], y) for i in range(len(grid))])
+        else:
+            for test_mask, preds in self.cv_path(x, y, grid, folds):
+                for i, pred in enumerate(preds):
+                    scores[i] += _mean_pearson(pred, y[test_mask]) / len(folds)
         self.cv_scores_ = dict(zip(map(float, grid), scores.tolist()))
         return float(grid[int(np.nanargmax(scores))])
 

@@ -270,6 +270,9 @@ def read_reference(
                       "by appending -1, -2, ...", stacklevel=2)
         out.var_names_make_unique()
     out.uns[UNS] = {"reference_path": str(path), "counts_from": where}
+    done = dict(adata.uns.get(UNS, {}) or {}).get(QC_KEY) if not path.is_dir() else None
+    if done:  # a reference saved after reference_qc: build_prototypes must not filter it again
+        out.uns[UNS][QC_KEY] = done
     return out
 
 

@@ -84,6 +84,8 @@ class FitOptions:
     # --level bulk only: how spots are pooled into pseudo-bulk regions
     # (keys of cpnn.workflows.pseudobulk.fit_bulk_model, e.g. block_spots, min_spots)
     pseudobulk: Dict[str, Any] = field(default_factory=dict)
+    # --level bulk --bulk only (cpnn.workflows.bulk.run_bulk_fit), e.g. composition_targets
+    bulk: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -131,6 +133,9 @@ class FitOptions:
             opts.model["residual_head"] = args.residual_head
         opts.train.update(cfg.get("train", {}))
         opts.pseudobulk.update(cfg.get("pseudobulk", {}))
+        opts.bulk.update(cfg.get("bulk", {}))
+        if getattr(args, "composition_targets", None) is not None:
+            opts.bulk["composition_targets"] = args.composition_targets
         if getattr(args, "epochs", None):
             opts.train["max_epochs"] = args.epochs
         opts.train["seed"] = opts.seed
