@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # table is drawn in docs/ARCHITECTURE.md.
 LAYERS: List[Set[str]] = [
     {"cpnn", "cpnn._constants", "cpnn.errors", "cpnn.utils", "cpnn._numerics", "cpnn.config",
-     "cpnn.presets", "cpnn.metrics"},
+     "cpnn.presets", "cpnn.metrics", "cpnn.outputs", "cpnn.runfolder"},
     {"cpnn.image", "cpnn.data", "cpnn.module"},
     {"cpnn.encoders", "cpnn.prototypes", "cpnn.train"},
     {"cpnn.model"},

@@ -13,7 +13,7 @@ from cpnn.errors import CPNNInputError
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from cpnn.data.synthetic_tcga import write_tcga_cohort
+    from cpnn.workflows.synthetic_tcga import write_tcga_cohort
 
     return write_tcga_cohort(tmp_path_factory.mktemp("tcga"), n_patients=8, seed=3)
 
@@ -123,7 +123,7 @@ def test_predict_one_row_per_slide_every_member_and_tile_maps(cohort, run, tmp_p
 
 
 def test_gene_ids_with_versions_map_through_the_reference(cohort, tmp_path):
-    from cpnn.data.synthetic_tcga import ensembl_id
+    from cpnn.workflows.synthetic_tcga import ensembl_id
     from cpnn.workflows.bulk import map_genes_to_reference, read_bulk_input, reference_gene_table
 
     var = reference_gene_table(cohort.reference)
@@ -187,7 +187,7 @@ def test_fit_on_an_ensembl_table_and_clear_errors(cohort, fast_cfg, tmp_path, ca
 @pytest.mark.slow
 def test_fit_and_predict_from_pyramidal_tiff_slides(fast_cfg, tmp_path, capsys):
     """--slides: the cohort's H&E as small pyramidal TIFFs, tiled and encoded (EfficientNet-Lite0)."""
-    from cpnn.data.synthetic_tcga import write_tcga_cohort
+    from cpnn.workflows.synthetic_tcga import write_tcga_cohort
 
     c = write_tcga_cohort(tmp_path / "c", n_patients=6, seed=1, image_px=1024, tile_px=128, write_slides=True)
     args = _fit_args(c, tmp_path / "run", fast_cfg, "--patch-um", "256")
@@ -291,7 +291,7 @@ def test_readme_tcga_commands_run_as_written(tmp_path, monkeypatch, capsys):
 def test_fit_chooses_the_composition_loss_on_training_patients(tmp_path, fast_cfg):
     """`--composition-targets auto` (the default) compares the composition loss with none by
     inner CV over the training patients and records the scores; few patients keep it."""
-    from cpnn.data.synthetic_tcga import write_tcga_cohort
+    from cpnn.workflows.synthetic_tcga import write_tcga_cohort
 
     c = write_tcga_cohort(tmp_path / "c", n_patients=12, seed=0)
     assert main(_fit_args(c, tmp_path / "run", fast_cfg)) == 0
@@ -331,7 +331,7 @@ def test_paper_preset_on_bags_is_the_slide_head():
         pass
 
     def spy(options, seed, progress=False):
-        seen.update(options.get("model") or {})
+        seen.update(options)
         raise Stop
 
     ctx = MethodContext(genes=["a"], seed=0, fold=0, gene_set="g", prototypes=None, deconvolution=None)
@@ -343,4 +343,8 @@ def test_paper_preset_on_bags_is_the_slide_head():
             slide_methods.run_cpnn_bags(train, TestData(np.empty(0, object), np.empty(0)), ctx, preset="paper")
     finally:
         slide_methods.cpnn_configs = orig
-    assert seen["gene_factors"] == CPNNConfig().gene_factors and seen["normalise_prototypes"] is False
+    assert seen["preset"] == "paper_slide"  # the paper's slide head, not its spot head
+    from cpnn.presets import get_preset
+
+    head = get_preset("paper_slide").model
+    assert head.gene_factors == CPNNConfig().gene_factors and head.normalise_prototypes is False

@@ -6,7 +6,7 @@ import argparse
 
 
 def _cmd_synthetic_tcga(args: argparse.Namespace) -> int:
-    from .data.synthetic_tcga import write_tcga_cohort
+    from .workflows.synthetic_tcga import write_tcga_cohort
 
     c = write_tcga_cohort(args.out, n_patients=args.n_patients, seed=args.seed, image_px=1024 if args.slides else 512,
                           tile_px=128 if args.slides else 64, write_slides=args.slides)

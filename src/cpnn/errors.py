@@ -49,3 +49,12 @@ class CPNNInputError(ValueError):
             message = message.rstrip()
             message += ("" if message.endswith((".", "!", "?")) else ".") + f" Fix: {fix}"
         super().__init__(message)
+
+
+def first_line(exc: BaseException) -> str:
+    """The cause of a load error without torch's advice to retry with ``weights_only=False``
+    (which would run arbitrary code from the file)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if "weights_only" not in ln and "WeightsUnpickler" not in ln
+            and "Re-running" not in ln and "trust" not in ln.lower()]
+    return (keep or lines or [type(exc).__name__])[0][:300].rstrip(".")

@@ -69,7 +69,7 @@ def _read_state_dict(path: str) -> Dict[str, Any]:
     except CPNNInputError:
         raise
     except Exception as exc:
-        from ..model.files import first_line  # without torch's advice to load unsafely
+        from ..errors import first_line  # without torch's advice to load unsafely
 
         raise CPNNInputError(f"cannot read the weights file ({type(exc).__name__}: {first_line(exc)}).",
                              path=p, field="weights",

@@ -6,6 +6,7 @@ from .metrics import (
     per_gene_correlations,
     to_log1p_cp10k,
 )
+from . import slide_methods  # noqa: F401  (registers the slide-level method kinds)
 
 __all__ = [
     "benjamini_hochberg",

@@ -35,6 +35,7 @@ import pandas as pd
 
 from ..errors import CPNNInputError
 from .genesets import kmeans_labels, read_gene_list, select_gene_set
+from .benchmark_data import BenchmarkData
 from .methods import MethodContext, TestData, TrainData, get_method
 from .metrics import composition_agreement, expression_metrics, to_log1p_cp10k
 from .selection import DEFAULT_SELECTION, Selection, candidate_grid, describe, select
@@ -155,16 +156,6 @@ def load_config(path, data_dir: Optional[str] = None) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- data
-@dataclass
-class BenchmarkData:
-    """Every observation of the benchmark, concatenated over samples."""
-
-    samples: List[Any]  # SpatialSample (adata, features, sample_id)
-    proportions: Dict[str, pd.DataFrame] = field(default_factory=dict)  # sample -> (obs x types)
-    reference: Any = None  # single-cell AnnData (raw counts) or None
-    description: str = ""
-
-
 def load_data(cfg: Dict[str, Any], progress: bool = True) -> BenchmarkData:
     """Samples with features (read from the cache or extracted), proportions and reference."""
     from ..workflows.spatial import load_inputs
@@ -179,7 +170,7 @@ def load_data(cfg: Dict[str, Any], progress: bool = True) -> BenchmarkData:
     if kind == "pseudobulk":  # regions of spatial data: summed counts, a bag of their spots' patches
         from .slide_data import load_pseudobulk_data
 
-        return load_pseudobulk_data(cfg, progress)
+        return load_pseudobulk_data(cfg, progress, load_source=load_data)
     if kind == "synthetic":
         samples, reference = _synthetic_samples(d, feat, progress)
     else:

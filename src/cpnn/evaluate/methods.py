@@ -26,6 +26,8 @@ from ..errors import CPNNInputError
 from .metrics import to_log1p_cp10k
 
 _METHODS: Dict[str, Callable[..., "MethodOutput"]] = {}
+#: method kind -> its runner on slide bags (registered by cpnn.evaluate.slide_methods)
+BAG_RUNNERS: Dict[str, Callable[..., "MethodOutput"]] = {}
 _OPTIONS: Dict[str, Any] = {}
 
 
@@ -170,10 +172,11 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
     shortcuts of :func:`cpnn_configs`."""
     from ..model import CPNN
 
-    if getattr(train.features, "dtype", None) == object:  # slide bags (data kind bulk)
-        from .slide_methods import run_cpnn_bags
-
-        return run_cpnn_bags(train, test, ctx, **options)
+    if getattr(train.features, "dtype", None) == object:  # slide bags (data kinds bulk, pseudobulk)
+        if "cpnn" not in BAG_RUNNERS:
+            raise CPNNInputError("slide-level CPNN is not registered", field="methods[].kind",
+                                 fix="import cpnn.evaluate (it registers cpnn.evaluate.slide_methods)")
+        return BAG_RUNNERS["cpnn"](train, test, ctx, **options)
     t0 = time.perf_counter()
     cfg, tcfg = cpnn_configs(options, ctx.seed, ctx.progress)
     label, proto_method = options.get("label"), options.get("prototypes", "regression")
@@ -274,4 +277,3 @@ def run_mlp(train: TrainData, test: TestData, ctx: MethodContext, /, **options) 
     return MethodOutput(expression=mlp.predict(spot_level(test.features)))
 
 
-from . import slide_methods  # noqa: E402,F401  (registers the slide-level kinds)

@@ -35,7 +35,7 @@ _SYNTHETIC_KEYS = ("n_patients", "seed", "n_types", "n_genes", "image_px", "tile
 def synthetic_cohort(spec: Dict[str, Any], progress: bool = True) -> Path:
     """The TCGA-shaped cohort of ``spec`` (``dir`` + :func:`write_tcga_cohort` arguments),
     written unless ``dir`` already holds one made with the same arguments."""
-    from ..data.synthetic_tcga import write_tcga_cohort
+    from ..workflows.synthetic_tcga import write_tcga_cohort
 
     if not spec.get("dir"):
         raise CPNNInputError("data.synthetic needs a dir to write the cohort to", field="data.synthetic.dir",
@@ -61,7 +61,7 @@ def load_bulk_data(cfg: Dict[str, Any], progress: bool = True):
     from ..prototypes import read_reference
     from ..workflows.bulk import as_bag_array, load_slide_bags
     from ..workflows.spatial import SpatialSample
-    from .benchmark import BenchmarkData
+    from .benchmark_data import BenchmarkData
 
     d = cfg["data"]
     ref_cfg = dict(cfg.get("reference") or {})
@@ -117,10 +117,11 @@ def load_bulk_data(cfg: Dict[str, Any], progress: bool = True):
     return BenchmarkData([sample], props, reference, description="bulk")
 
 
-def load_pseudobulk_data(cfg: Dict[str, Any], progress: bool = True):
+def load_pseudobulk_data(cfg: Dict[str, Any], progress: bool = True, *, load_source):
     """:class:`cpnn.evaluate.benchmark.BenchmarkData` of a ``kind: pseudobulk`` config:
     the spatial data of ``data.source`` (any spot kind, e.g. ``{kind: her2st, root: ...,
-    sections: [...]}``) cut into regions of ``block_spots`` x ``block_spots`` spot pitches
+    sections: [...]}``, read by ``load_source``, i.e. :func:`cpnn.evaluate.benchmark.load_data`)
+    cut into regions of ``block_spots`` x ``block_spots`` spot pitches
     (:func:`cpnn.workflows.pseudobulk.region_bags`, as ``cpnn fit --level bulk`` on spots);
     one observation per region: the sum of its spots' counts and a bag of their (sub-)patch
     features. One sample per section, so ``split.by: section`` holds whole sections out."""
@@ -128,7 +129,7 @@ def load_pseudobulk_data(cfg: Dict[str, Any], progress: bool = True):
     from ..workflows.bulk import as_bag_array
     from ..workflows.pseudobulk import region_bags
     from ..workflows.spatial import SpatialSample
-    from .benchmark import BenchmarkData, load_data
+    from .benchmark_data import BenchmarkData
 
     import anndata as ad
 
@@ -138,7 +139,7 @@ def load_pseudobulk_data(cfg: Dict[str, Any], progress: bool = True):
         raise CPNNInputError("a pseudobulk benchmark needs the spatial data it pools", field="data.source",
                              fix="e.g. source: {kind: her2st, root: ${CPNN_DATA_DIR}/her2st, sections: [C2, C3]}")
     block, min_spots = int(d.get("block_spots", 3)), int(d.get("min_spots", 2))
-    spots = load_data({**cfg, "data": src}, progress)
+    spots = load_source({**cfg, "data": src}, progress)
     genes = None
     for s in spots.samples:
         names = list(map(str, s.adata.var_names))

@@ -22,7 +22,7 @@ from typing import List
 import numpy as np
 
 from ..errors import CPNNInputError
-from .methods import (MethodContext, MethodOutput, TestData, TrainData, cpnn_configs,
+from .methods import (BAG_RUNNERS, MethodContext, MethodOutput, TestData, TrainData, cpnn_configs,
                       deconvolution_targets, register_method)
 
 #: options of a slide baseline entry that go to the optimiser (the rest go to its module)
@@ -114,3 +114,6 @@ def _register() -> None:
 
 
 _register()
+
+
+BAG_RUNNERS["cpnn"] = run_cpnn_bags  # `kind: cpnn` on slide bags

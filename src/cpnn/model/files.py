@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Union
 
-from ..errors import CPNNInputError
+from ..errors import CPNNInputError, first_line  # noqa: F401  (first_line: re-exported)
 
 
 def write_model_file(path: Union[str, os.PathLike], payload: Dict[str, Any]) -> Path:
@@ -56,12 +56,3 @@ def read_model_file(path: Union[str, os.PathLike], fmt: str, what: str, written_
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise CPNNInputError(f"not a {what} file (missing 'format': '{fmt}')", path=path, fix=other_hint or None)
     return payload
-
-
-def first_line(exc: BaseException) -> str:
-    """The cause of a load error without torch's advice to retry with ``weights_only=False``
-    (which would run arbitrary code from the file)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    keep = [ln for ln in lines if "weights_only" not in ln and "WeightsUnpickler" not in ln
-            and "Re-running" not in ln and "trust" not in ln.lower()]
-    return (keep or lines or [type(exc).__name__])[0][:300].rstrip(".")

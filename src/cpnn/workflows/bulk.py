@@ -487,7 +487,7 @@ def choose_composition_targets(prototypes, model_config, train_config, bags: Seq
     import dataclasses
 
     from ..data.splits import grouped_folds
-    from ..evaluate.metrics import expression_metrics, to_log1p_cp10k
+    from ..metrics import expression_metrics, to_log1p_cp10k
     from ..model import CPNN
 
     n_pat = len(set(map(str, patients)))

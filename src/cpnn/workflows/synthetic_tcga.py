@@ -42,8 +42,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from cpnn.errors import CPNNInputError
-from cpnn.utils import atomic_path, write_json
+from ..errors import CPNNInputError
+from ..utils import atomic_path, write_json
 
 SYNTHETIC_ENCODER = "synthetic-composition"
 STAR_SUFFIX = ".rna_seq.augmented_star_gene_counts.tsv"
@@ -170,7 +170,7 @@ def write_tcga_cohort(out_dir: os.PathLike | str, n_patients: int = 10, seed: in
         Paths, and ``truth`` (also ``truth.json``): per slide its barcode, sample and true
         composition; per RNA file its sample; the bad cases.
     """
-    from .synthetic import _rng, make_synthetic_cohort
+    from ..data.synthetic import _rng, make_synthetic_cohort
 
     if not isinstance(n_patients, (int, np.integer)) or n_patients < 6:
         raise CPNNInputError(f"n_patients must be an integer >= 6, got {n_patients!r}", field="n_patients",
