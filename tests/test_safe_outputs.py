@@ -417,3 +417,15 @@ def test_kill_9_during_refit_leaves_the_old_run_usable(cohort, tmp_path):
     # the next fit removes the dead attempt's leftovers
     assert main(_fit_args(cohort, run)) == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.partial-")]
+
+
+def test_no_leading_dot_even_behind_spaces():
+    """Found by the property suite: '. .0' kept a leading dot after one strip pass."""
+    import warnings
+
+    from cpnn.outputs import safe_stem
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert safe_stem(". .0") == "0"
+        assert safe_stem(" . ..x") == "x"

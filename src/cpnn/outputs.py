@@ -19,6 +19,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -55,7 +56,8 @@ def safe_stem(name: object, *, field: str = "sample id", source: Optional[object
         When nothing usable is left (an empty id, only dots or separators).
     """
     raw = str(name)
-    stem = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in raw).strip().lstrip(".").strip()
+    stem = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in raw)
+    stem = re.sub(r"^[\s.]+", "", stem).strip()  # no leading dot, also behind spaces (". .0")
     if not stem or set(stem) <= {"_", "."}:
         raise CPNNInputError(f"the id {raw!r} cannot be used as a file name", path=source, field=field,
                              fix="give the sample a name made of letters, digits, '-' or '_'")
