@@ -55,3 +55,20 @@ def toy_problem():
     counts = rng.negative_binomial(5, 5 / (5 + mean)).astype(np.float32)
     protos = SimplePrototypes(t0, [f"type{i}" for i in range(k)], [f"G{i}" for i in range(g)])
     return {"features": feats.astype(np.float32), "counts": counts, "proportions": p, "prototypes": protos}
+
+
+def proportion_feature_samples(cohort, seed=0, dim=24, noise=0.3):
+    """Spatial samples of a synthetic cohort whose 'image features' are a fixed random linear
+    map of the true cell-type fractions plus noise: informative, cheap, and the same map for
+    every slide (benchmark protocol and nested-selection tests)."""
+    from cpnn._constants import TRUE_PROPORTIONS
+    from cpnn.workflows.spatial import SpatialSample
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(len(cohort.cell_types), dim))
+    out = []
+    for sl in cohort.slides:
+        p = np.asarray(sl.spots.obsm[TRUE_PROPORTIONS])
+        f = (p @ w + noise * rng.normal(size=(len(p), dim))).astype(np.float32)
+        out.append(SpatialSample(sl.slide_id, sl.spots.copy(), f, meta={"image": sl.image}))
+    return out

@@ -24,6 +24,8 @@ from cpnn.evaluate.genesets import kmeans_labels, select_gene_set
 from cpnn.evaluate.methods import MethodOutput, TestData, _METHODS, register_method
 from cpnn.evaluate.metrics import to_log1p_cp10k
 
+from conftest import proportion_feature_samples
+
 
 @pytest.fixture(scope="module")
 def cohort():
@@ -35,19 +37,7 @@ def cohort():
 
 
 def _samples(cohort, seed=0, dim=24, noise=0.3):
-    """Spatial samples whose 'image features' are a fixed random linear map of the true
-    cell-type fractions plus noise: informative, cheap, and the same map for every slide."""
-    from cpnn._constants import TRUE_PROPORTIONS
-    from cpnn.workflows.spatial import SpatialSample
-
-    rng = np.random.default_rng(seed)
-    w = rng.normal(size=(len(cohort.cell_types), dim))
-    out = []
-    for sl in cohort.slides:
-        p = np.asarray(sl.spots.obsm[TRUE_PROPORTIONS])
-        f = (p @ w + noise * rng.normal(size=(len(p), dim))).astype(np.float32)
-        out.append(SpatialSample(sl.slide_id, sl.spots.copy(), f, meta={"image": sl.image}))
-    return out
+    return proportion_feature_samples(cohort, seed=seed, dim=dim, noise=noise)
 
 
 def _cfg(**over):

@@ -14,6 +14,8 @@ from cpnn.evaluate.methods import _METHODS, MethodOutput, register_method
 from cpnn.evaluate.metrics import to_log1p_cp10k
 from cpnn.evaluate.selection import candidate_grid, inner_splits, select
 
+from conftest import proportion_feature_samples
+
 
 @pytest.fixture(scope="module")
 def cohort():
@@ -25,17 +27,7 @@ def cohort():
 
 
 def _samples(cohort, dim=16, noise=0.3, seed=0):
-    from cpnn._constants import TRUE_PROPORTIONS
-    from cpnn.workflows.spatial import SpatialSample
-
-    rng = np.random.default_rng(seed)
-    w = rng.normal(size=(len(cohort.cell_types), dim))
-    out = []
-    for sl in cohort.slides:
-        p = np.asarray(sl.spots.obsm[TRUE_PROPORTIONS])
-        f = (p @ w + noise * rng.normal(size=(len(p), dim))).astype(np.float32)
-        out.append(SpatialSample(sl.slide_id, sl.spots.copy(), f))
-    return out
+    return proportion_feature_samples(cohort, seed=seed, dim=dim, noise=noise)
 
 
 def _counts_by_id(samples):

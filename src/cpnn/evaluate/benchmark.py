@@ -595,7 +595,7 @@ def run_benchmark(
                             grids[m["name"]],
                             _inner_scorer(m["kind"], opts, train, ctx, cache, genes, dec_key,
                                           (y_all[tri], totals[tri], candidates) if wants_more_genes else None,
-                                          {k: v[tri] for k, v in x_variants.items()}),
+                                          {k: x_variants[k][tri] for k in _feature_variant_names([m])}),
                             train.groups, metric=sel_cfg["metric"], max_inner_folds=int(sel_cfg["max_inner_folds"]),
                             seed=seed, val_fraction=float(cfg["split"].get("val_fraction", 0.2)), log=log)
                     selected = selections[skey]
