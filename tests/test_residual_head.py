@@ -6,7 +6,6 @@ from cpnn.config import CPNNConfig, TrainConfig
 from cpnn.errors import CPNNInputError
 from cpnn.evaluate import expression_metrics, to_log1p_cp10k
 from cpnn.model import CPNN
-from cpnn.model.cpnn_model import _add_log_residual
 from cpnn.model.residual import ResidualHead
 
 from conftest import SimplePrototypes
@@ -64,7 +63,8 @@ def test_head_recovers_a_shared_state_and_leaves_weights_alone(state_problem):
     np.testing.assert_allclose(b["spot_expr"].sum(1), 1.0, rtol=1e-5)
     # a reference computation of the correction
     scaled = with_head.scaler.transform(test_x)
-    ref = np.log1p(a["spot_expr"].astype(np.float64) * 1e4) + with_head.residual.predict(scaled)
+    mix_log = np.log1p(a["spot_expr"].astype(np.float64) * 1e4)
+    ref = mix_log + with_head.residual.predict(scaled, mix_log)
     ref = np.clip(np.expm1(ref), 0, None)
     np.testing.assert_allclose(b["spot_expr"], ref / ref.sum(1, keepdims=True), rtol=1e-4, atol=1e-9)
 
@@ -108,7 +108,9 @@ def test_sub_patch_bags_are_corrected_per_spot_from_their_mean(state_problem):
     out = model.predict(bags[300:])
     scaled = model.scaler.transform(bags[300:].reshape(-1, bags.shape[2])).reshape(100, 4, -1)
     np.testing.assert_allclose(model._as_bags(scaled).bag_means(), scaled.mean(1), rtol=1e-5, atol=1e-6)
-    expected = _add_log_residual(out["bag_expr_mixture"], model.residual.predict(scaled.mean(1)))
+    mix_log = np.log1p(out["bag_expr_mixture"].astype(np.float64) * 1e4)
+    expected = np.clip(np.expm1(mix_log + model.residual.predict(scaled.mean(1), mix_log)), 0, None)
+    expected /= expected.sum(1, keepdims=True)
     np.testing.assert_allclose(out["bag_expr"], expected, rtol=1e-5, atol=1e-8)
     assert out["spot_expr"].shape == (400, 60)  # sub-patch outputs stay the mixture's
 
@@ -139,7 +141,8 @@ def test_prediction_file_keeps_the_mixture_alone(state_problem, tmp_path):
     np.testing.assert_allclose(pred.X, np.log1p(raw["spot_expr"] * 1e4), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pred.layers["cpnn_mixture"], np.log1p(raw["spot_expr_mixture"] * 1e4),
                                rtol=1e-5, atol=1e-6)
-    assert pred.uns["cpnn"]["residual_head"] == {"active": True, "alpha": model.residual.alpha_}
+    assert pred.uns["cpnn"]["residual_head"] == {"active": True, "form": model.residual.form_,
+                                                 "alpha": model.residual.alpha_}
     pred.write_h5ad(tmp_path / "p.h5ad")
     back = ad.read_h5ad(tmp_path / "p.h5ad")
     assert "cpnn_mixture" in back.layers and bool(back.uns["cpnn"]["residual_head"]["active"])
@@ -233,3 +236,83 @@ def test_head_without_held_out_spots_is_a_clear_error(state_problem):
     with pytest.raises(CPNNInputError, match="out-of-fold"):
         model.fit(state_problem["features"][:300], state_problem["counts"][:300], composition_targets=None,
                   groups=state_problem["groups"][:300])
+
+
+# -- the stacked form: a_g * mixture + ridge(features) ---------------------------------------
+def _reference_stacked(p, m, y, alpha):
+    """Per gene, the penalised normal equations of [1, m_g, p] with the penalty on p only;
+    the mixture coefficient refitted at 0 where it comes out negative."""
+    n, k = p.shape
+    cs, preds = [], []
+    for g in range(y.shape[1]):
+        design = np.column_stack([np.ones(n), m[:, g], p])
+        pen = np.diag([0.0, 0.0] + [alpha] * k)
+        sol = np.linalg.solve(design.T @ design + pen, design.T @ y[:, g])
+        if sol[1] < 0:
+            reduced = np.column_stack([np.ones(n), p])
+            sol = np.linalg.solve(reduced.T @ reduced + np.diag([0.0] + [alpha] * k), reduced.T @ y[:, g])
+            sol = np.concatenate([sol[:1], [0.0], sol[1:]])
+        cs.append(sol[1])
+        preds.append(design @ sol)
+    return np.array(cs), np.column_stack(preds)
+
+
+def test_stacked_path_matches_the_normal_equations():
+    from cpnn.model.residual import stacked_ridge_path
+
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(80, 6))
+    y = p @ rng.normal(size=(6, 5)) + rng.normal(size=(80, 5))
+    m = np.column_stack([y[:, :3] + 0.3 * rng.normal(size=(80, 3)), -y[:, 3], rng.normal(size=80)])
+    for alpha in (0.5, 30.0):
+        additive, stacked = stacked_ridge_path(p, m, y, [alpha])
+        c, coef, inter = stacked[0]
+        ref_c, ref_pred = _reference_stacked(p, m, y, alpha)
+        np.testing.assert_allclose(c, ref_c, atol=1e-8)
+        np.testing.assert_allclose(c * m + p @ coef + inter, ref_pred, atol=1e-8)
+        assert c[3] == 0.0  # an anti-correlated mixture gene is not used upside down
+        a_coef, a_inter = additive[0]  # the additive form is ridge on y - m
+        design = np.column_stack([np.ones(80), p])
+        sol = np.linalg.solve(design.T @ design + np.diag([0.0] + [alpha] * 6), design.T @ (y - m))
+        np.testing.assert_allclose(m + p @ a_coef + a_inter, m + design @ sol, atol=1e-8)
+
+
+def _noisy_mixture_problem(seed=0, n=400, d=10, g=20):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    signal = x @ rng.normal(size=(d, g))
+    observed = signal + 0.5 * rng.normal(size=(n, g))
+    mixture = signal.copy()
+    mixture[:, g // 2:] = 3.0 * rng.normal(size=(n, g - g // 2))  # half the genes: a useless mixture
+    return x, mixture, observed, np.repeat(np.arange(4), n // 4), signal
+
+
+def test_head_stacks_when_the_mixture_is_noise_for_some_genes():
+    x, mix, obs, groups, _ = _noisy_mixture_problem()
+    head = ResidualHead(n_components=8).fit(x[:300], mix[:300], obs[:300], groups[:300])
+    assert head.active and head.form_ == "stacked", head.cv_scores_
+    c = head.mixture_coef_
+    assert np.all(c[:10] > 0.5) and np.all(c[10:] < 0.1), c
+    additive = ResidualHead(n_components=8, forms=("additive",)).fit(x[:300], mix[:300], obs[:300], groups[:300])
+    held = slice(300, 400)
+    stacked_pred = mix[held] + head.predict(x[held], mix[held])
+    additive_pred = mix[held] + additive.predict(x[held])
+    from cpnn._numerics import mean_column_pearson
+
+    assert mean_column_pearson(stacked_pred, obs[held]) > mean_column_pearson(additive_pred, obs[held]) + 0.1
+    with pytest.raises(ValueError, match="mixture_log"):
+        head.predict(x[held])
+    again = ResidualHead.from_dict(head.to_dict())
+    np.testing.assert_allclose(again.predict(x[held], mix[held]), head.predict(x[held], mix[held]), rtol=1e-5, atol=1e-5)
+    d = head.describe()
+    assert d["form"] == "stacked" and d["mixture_coef_quantiles_10_50_90"][2] > 0.5
+
+
+def test_head_keeps_the_additive_or_off_form_when_the_mixture_is_right():
+    # the mixture knows a part of expression the features cannot reach linearly
+    x, _, obs, groups, signal = _noisy_mixture_problem()
+    beyond = 2.0 * np.tanh(x[:, :1] * x[:, 1:2]) * np.linspace(0.5, 1.5, obs.shape[1])
+    mixture, observed = signal + beyond, obs + beyond
+    head = ResidualHead(n_components=8).fit(x, mixture, observed, groups)
+    if head.form_ == "stacked":  # the mixture keeps its weight
+        assert np.all(np.abs(head.mixture_coef_ - 1) < 0.2), head.mixture_coef_

@@ -214,6 +214,9 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
         info={"best_epoch": tr.best_epoch, "epochs_run": tr.epochs_run, "criterion": tr.criterion,
               "n_cell_types": len(model.cell_types), "n_model_genes": len(model.genes),
               "residual_alpha": None if model.residual is None else model.residual.alpha_,
+              "residual_form": None if model.residual is None else model.residual.form_,
+              "residual_mixture_coef_median": None if getattr(model.residual, "mixture_coef_", None) is None
+              else round(float(np.median(model.residual.mixture_coef_)), 4),
               "fit_seconds": round(time.perf_counter() - t0, 1)},
     )
 

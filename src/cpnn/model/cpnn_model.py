@@ -427,10 +427,10 @@ class CPNN:
         patches'."""
         if sub_patch_bags:
             out["bag_expr_mixture"] = out["bag_expr"]
-            out["bag_expr"] = _add_log_residual(out["bag_expr"], self.residual.predict(data.bag_means()))
+            out["bag_expr"] = self.residual.correct(out["bag_expr"], data.bag_means())
             return
         out["spot_expr_mixture"], out["bag_expr_mixture"] = out["spot_expr"], out["bag_expr"]
-        out["spot_expr"] = _add_log_residual(out["spot_expr"], self.residual.predict(data.features))
+        out["spot_expr"] = self.residual.correct(out["spot_expr"], data.features)
         bag_sum = np.add.reduceat(out["spot_expr"].astype(np.float64), data.offsets[:-1], axis=0)
         out["bag_expr"] = (bag_sum / bag_sum.sum(axis=1, keepdims=True)).astype(np.float32)
 
@@ -556,15 +556,6 @@ def _trainer():
         _, _, device = init_distributed()
         return lambda *args: train_cpnn(*args, device=device)
     return train_cpnn
-
-
-def _add_log_residual(composition: np.ndarray, residual: np.ndarray) -> np.ndarray:
-    """``composition`` moved by ``residual`` on log1p CP10k, returned as a composition."""
-    from .._numerics import composition_log1p
-
-    log = composition_log1p(np.asarray(composition, np.float64)) + residual
-    expr = np.clip(np.expm1(log), 0.0, None)
-    return (expr / np.maximum(expr.sum(axis=1, keepdims=True), 1e-300)).astype(np.float32)
 
 
 def per_observation(outputs: Dict[str, np.ndarray], features) -> Dict[str, np.ndarray]:

@@ -9,22 +9,78 @@ mixture's out-of-fold predictions (each training bag predicted by the ensemble m
 that held it out for validation), so it learns what the mixture misses on tissue it has
 not seen rather than the networks' training error.
 
-It only acts when it helps: its penalty is chosen by inner cross-validation over the
-training groups (sections / patients) on the *final* out-of-fold prediction — mixture plus residual —
-with "no residual" among the candidates, so on data where the mixture already explains
-what the features can predict the head stays off. It never changes the cell-type weights.
+Two forms, both on log1p CP10k (``m`` the mixture, ``x`` the features):
+
+- ``additive``: ``m + ridge(x)``, the mixture kept as it is;
+- ``stacked``: ``a_g * m + ridge(x)`` with one unpenalised, non-negative mixture
+  coefficient per gene, fitted jointly with the ridge (a stacking of the mixture and a
+  linear probe). Where the mixture's prediction of a gene is noisy on held-out tissue its
+  coefficient shrinks towards 0 and the features take over; where it is good, ``a_g``
+  stays near 1. Without this, a heavily penalised ridge cannot undo a poor mixture gene.
+
+It only acts when it helps: the form and penalty are chosen by inner cross-validation
+over the training groups (sections / patients) on the *final* out-of-fold prediction,
+with "no residual" among the candidates (ties keep the simpler form), so on data where
+the mixture already explains what the features can predict the head stays off. It never
+changes the cell-type weights.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .probes import DEFAULT_ALPHA_GRID, RidgeProbe, _mean_pearson, inner_folds
 
+#: the head's forms, simplest first (ties in the inner cross-validation keep the earlier)
+HEAD_FORMS = ("off", "additive", "stacked")
+
+
+def stacked_ridge_path(p: np.ndarray, m: np.ndarray, y: np.ndarray, alphas: Sequence[float]
+                       ) -> Tuple[list, list]:
+    """Both head forms for every penalty, from one SVD of the projected features.
+
+    Fits ``y_g ~ c_g * m_g + p @ beta_g + intercept_g`` by ridge on ``beta`` only. The
+    ``additive`` form fixes ``c_g = 1``; the ``stacked`` form profiles ``beta`` out:
+    with ``H = p (p'p + alpha I)^-1 p'`` (centred), ``c_g = m_g'(I - H) y_g / m_g'(I - H) m_g``,
+    clipped at 0 (the mixture is never used upside down).
+
+    Parameters
+    ----------
+    p
+        ``(N, k)`` projected features.
+    m, y
+        ``(N, G)`` mixture and observed log1p CP10k.
+    alphas
+        Ridge penalties.
+
+    Returns
+    -------
+    additive, stacked
+        Per penalty, ``(coef (k, G), intercept (G,))`` and ``(c (G,), coef, intercept)``.
+    """
+    pm, mm, ym = p.mean(axis=0), m.mean(axis=0), y.mean(axis=0)
+    pc, mc, yc = p - pm, m - mm, y - ym
+    u, s, vt = np.linalg.svd(pc, full_matrices=False)
+    utm, uty = u.T @ mc, u.T @ yc
+    additive, stacked = [], []
+    for alpha in alphas:
+        gain = s / (s * s + alpha)
+        coef = vt.T @ (gain[:, None] * (uty - utm))
+        additive.append((coef, ym - mm - pm @ coef))
+        smooth = (s * gain)[:, None]  # H = U diag(s^2 / (s^2 + alpha)) U'
+        resid_m = mc - u @ (smooth * utm)
+        resid_y = yc - u @ (smooth * uty)
+        denom = np.einsum("ng,ng->g", mc, resid_m)
+        c = np.where(denom > 1e-12, np.einsum("ng,ng->g", mc, resid_y) / np.maximum(denom, 1e-12), 0.0)
+        c = np.clip(c, 0.0, None)
+        coef = vt.T @ (gain[:, None] * (uty - c * utm))
+        stacked.append((c, coef, ym - c * mm - pm @ coef))
+    return additive, stacked
+
 
 class ResidualHead:
-    """Ridge from bag features to ``log1p CP10k(observed) - log1p CP10k(mixture)``.
+    """Ridge from bag features to what the mixture misses on log1p CP10k (see the module).
 
     Parameters
     ----------
@@ -36,15 +92,25 @@ class ResidualHead:
         Folds of the inner cross-validation (grouped when groups are given).
     seed
         For the inner folds when there are no groups.
+    forms
+        Head forms the inner cross-validation may choose besides "off"
+        (``"additive"``, ``"stacked"``).
     """
 
     def __init__(self, n_components: int = 256, alphas: Sequence[float] = DEFAULT_ALPHA_GRID,
-                 n_inner_folds: int = 4, seed: int = 0) -> None:
+                 n_inner_folds: int = 4, seed: int = 0,
+                 forms: Sequence[str] = ("additive", "stacked")) -> None:
+        bad = [f for f in forms if f not in HEAD_FORMS[1:]]
+        if bad or not forms:
+            raise ValueError(f"residual head forms must be among {HEAD_FORMS[1:]}, got {list(forms)}")
         self.n_components = n_components
         self.alphas = tuple(float(a) for a in alphas)
         self.n_inner_folds = n_inner_folds
         self.seed = seed
+        self.forms = tuple(f for f in HEAD_FORMS[1:] if f in forms)
         self.alpha_: Optional[float] = None  # None: off
+        self.form_: str = "off"
+        self.mixture_coef_: Optional[np.ndarray] = None  # (G,) in the stacked form
         self.cv_scores_: Dict[str, float] = {}
         self.oof_fraction_: Optional[float] = None  # share of training bags with an out-of-fold mixture
         self._probe: Optional[RidgeProbe] = None
@@ -56,7 +122,7 @@ class ResidualHead:
 
     def fit(self, features: np.ndarray, mixture_log: np.ndarray, observed_log: np.ndarray,
             groups: Optional[Sequence] = None) -> "ResidualHead":
-        """Choose the penalty (or off) and fit on all rows.
+        """Choose the form and penalty (or off) and fit on all rows.
 
         Parameters
         ----------
@@ -72,42 +138,95 @@ class ResidualHead:
         y = np.asarray(observed_log, dtype=np.float64)
         if not (x.shape[0] == base.shape[0] == y.shape[0]) or base.shape != y.shape:
             raise ValueError(f"residual head: shapes {x.shape}, {base.shape}, {y.shape} do not agree")
-        resid = y - base
-        probe = RidgeProbe(n_components=self.n_components, alphas=self.alphas, seed=self.seed)
         folds = inner_folds(len(x), groups, self.n_inner_folds, self.seed)
         if len(x) < 4 or len(folds) < 2:
             return self
         n_folds = len(folds)
         usable = [f for f in folds if (~f).sum() >= 3 and f.sum() >= 2]  # Pearson needs a few rows
-        off, scores = 0.0, np.zeros(len(self.alphas))
-        for test, preds in probe.cv_path(x, resid, self.alphas, usable):
+        probe = RidgeProbe(n_components=self.n_components, alphas=self.alphas, seed=self.seed)
+        off = 0.0
+        scores = {form: np.zeros(len(self.alphas)) for form in self.forms}
+        for test in usable:
+            tr = ~test
+            mean, std, comps = probe._fit_transform_basis(x[tr])
+            p_tr, p_te = probe._project(x[tr], mean, std, comps), probe._project(x[test], mean, std, comps)
+            additive, stacked = stacked_ridge_path(p_tr, base[tr], y[tr], self.alphas)
             off += _mean_pearson(base[test], y[test]) / n_folds
-            for i, pred in enumerate(preds):
-                scores[i] += _mean_pearson(base[test] + pred, y[test]) / n_folds
-        self.cv_scores_ = {"off": float(off), **{repr(a): float(s) for a, s in zip(self.alphas, scores)}}
-        best = int(np.nanargmax(scores))
-        if not np.isfinite(scores[best]) or scores[best] <= off:
+            for i in range(len(self.alphas)):
+                if "additive" in scores:
+                    coef, inter = additive[i]
+                    pred = base[test] + p_te @ coef + inter
+                    scores["additive"][i] += _mean_pearson(pred, y[test]) / n_folds
+                if "stacked" in scores:
+                    c, coef, inter = stacked[i]
+                    pred = c * base[test] + p_te @ coef + inter
+                    scores["stacked"][i] += _mean_pearson(pred, y[test]) / n_folds
+        self.cv_scores_ = {"off": float(off)}
+        for form in self.forms:
+            prefix = "" if form == "additive" else "stacked "  # additive keys stay bare penalties
+            self.cv_scores_.update({f"{prefix}{a!r}": float(s) for a, s in zip(self.alphas, scores[form])})
+        best_form, best_alpha, best = "off", None, off
+        for form in self.forms:  # strict improvement: ties keep the simpler form
+            i = int(np.nanargmax(scores[form])) if np.isfinite(scores[form]).any() else -1
+            if i >= 0 and scores[form][i] > best:
+                best_form, best_alpha, best = form, self.alphas[i], float(scores[form][i])
+        if best_form == "off":
             return self
-        self.alpha_ = self.alphas[best]
-        self._probe = probe.fit_alpha(x, resid, self.alpha_)
+        self.form_, self.alpha_ = best_form, best_alpha
+        mean, std, comps = probe._fit_transform_basis(x)
+        additive, stacked = stacked_ridge_path(probe._project(x, mean, std, comps), base, y, [best_alpha])
+        fitted = RidgeProbe(n_components=self.n_components, alphas=[best_alpha])
+        fitted.alpha_, fitted.mean_, fitted.std_, fitted.components_ = best_alpha, mean, std, comps
+        if best_form == "additive":
+            fitted.coef_, fitted.intercept_ = additive[0]
+        else:
+            self.mixture_coef_, fitted.coef_, fitted.intercept_ = stacked[0]
+        self._probe = fitted
         return self
 
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        """``(N, G)`` residual on log1p CP10k (only when :attr:`active`)."""
+    def predict(self, features: np.ndarray, mixture_log: Optional[np.ndarray] = None) -> np.ndarray:
+        """``(N, G)`` residual on log1p CP10k (only when :attr:`active`): what is added to
+        the mixture's log1p CP10k. The stacked form needs that mixture (``mixture_log``)."""
         if self._probe is None:
             raise RuntimeError("the residual head is off or not fitted; check .active first")
-        return self._probe.predict(features)
+        out = self._probe.predict(features)
+        if self.form_ == "stacked":
+            if mixture_log is None:
+                raise ValueError("the stacked residual head needs the mixture's log1p CP10k (mixture_log)")
+            out = out + (self.mixture_coef_ - 1.0) * np.asarray(mixture_log, dtype=np.float64)
+        return out
+
+    def correct(self, composition: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """The mixture's ``composition`` (rows sum to 1) with the head applied, as a composition."""
+        from .._numerics import composition_log1p
+
+        comp = np.asarray(composition, np.float64)
+        log = composition_log1p(comp)
+        log = log + self.predict(features, log)
+        expr = np.clip(np.expm1(log), 0.0, None)
+        return (expr / np.maximum(expr.sum(axis=1, keepdims=True), 1e-300)).astype(np.float32)
+
+    def describe(self) -> Dict[str, Any]:
+        """What the inner cross-validation chose, for metrics files."""
+        out: Dict[str, Any] = {"active": self.active, "form": self.form_, "alpha": self.alpha_}
+        if self.mixture_coef_ is not None:
+            q = np.quantile(self.mixture_coef_, [0.1, 0.5, 0.9])
+            out["mixture_coef_quantiles_10_50_90"] = [round(float(v), 4) for v in q]
+            out["mixture_coef_zero_fraction"] = float(np.mean(self.mixture_coef_ == 0))
+        return out
 
     # -- files -----------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         """Numbers and numpy arrays (the model file stores the arrays as tensors)."""
-        out: Dict[str, Any] = {"alpha": self.alpha_, "cv_scores": dict(self.cv_scores_),
+        out: Dict[str, Any] = {"alpha": self.alpha_, "cv_scores": dict(self.cv_scores_), "form": self.form_,
                                "n_components": self.n_components, "oof_fraction": self.oof_fraction_}
         if self._probe is not None:
             p = self._probe
             out.update(mean=p.mean_.astype(np.float32), std=p.std_.astype(np.float32),
                        components=p.components_.astype(np.float32), coef=p.coef_.astype(np.float32),
                        intercept=p.intercept_.astype(np.float32))
+            if self.mixture_coef_ is not None:
+                out["mixture_coef"] = self.mixture_coef_.astype(np.float32)
         return out
 
     @classmethod
@@ -118,10 +237,13 @@ class ResidualHead:
         oof = d.get("oof_fraction")
         head.oof_fraction_ = None if oof is None else float(oof)
         if head.alpha_ is not None:
+            head.form_ = str(d.get("form") or "additive")  # files before the stacked form were additive
             p = RidgeProbe(n_components=head.n_components, alphas=[head.alpha_])
             p.alpha_ = head.alpha_
             p.mean_, p.std_ = np.asarray(d["mean"], np.float64), np.asarray(d["std"], np.float64)
             p.components_ = np.asarray(d["components"], np.float64)
             p.coef_, p.intercept_ = np.asarray(d["coef"], np.float64), np.asarray(d["intercept"], np.float64)
+            if head.form_ == "stacked":
+                head.mixture_coef_ = np.asarray(d["mixture_coef"], np.float64)
             head._probe = p
         return head

@@ -296,7 +296,7 @@ def _fit_into(samples: List[SpatialSample], opts: FitOptions, out: Optional[Path
         "epochs_run": len(hist),
         "best": best,
         "residual_head": None if model.residual is None else {
-            "active": bool(model.residual.active), "alpha": model.residual.alpha_,
+            **model.residual.describe(),
             "inner_cv_pearson": model.residual.cv_scores_,
             "out_of_fold_fraction": model.residual.oof_fraction_},
         "history": hist,
@@ -350,8 +350,7 @@ def _write_config(out: Path, opts: FitOptions, samples: Sequence[SpatialSample],
             "cell_types": list(model.cell_types),
             "prototypes": {k: v for k, v in model.prototype_provenance.items()
                            if isinstance(v, (str, int, float, bool)) or v is None},
-            "residual_head": None if model.residual is None else {
-                "active": bool(model.residual.active), "alpha": model.residual.alpha_},
+            "residual_head": None if model.residual is None else model.residual.describe(),
         }
     write_json(out / "config.json", record)
 

@@ -540,7 +540,7 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
     if info.get("image_path"):  # the full-resolution image obsm['spatial'] refers to (cpnn view, export)
         pred.uns[UNS]["image_path"] = str(info["image_path"])
     if model.residual is not None:
-        pred.uns[UNS]["residual_head"] = {"active": bool(model.residual.active),
+        pred.uns[UNS]["residual_head"] = {"active": bool(model.residual.active), "form": model.residual.form_,
                                           "alpha": model.residual.alpha_ if model.residual.active else "off"}
     if SUBPATCH_WEIGHTS in pred.obsm:
         pred.uns[UNS]["subpatches"] = _subpatch_layout(pred.obsm[SUBPATCH_WEIGHTS].shape[1], model.encoder,

@@ -262,7 +262,6 @@ def predict_bag_streaming(model, chunks: Iterable[np.ndarray]) -> Dict[str, np.n
     """
     import torch
 
-    from ..model.cpnn_model import _add_log_residual
     from ..module.network import BagAccumulator
 
     model._check_fitted()
@@ -293,7 +292,7 @@ def predict_bag_streaming(model, chunks: Iterable[np.ndarray]) -> Dict[str, np.n
         res = acc.add(torch.from_numpy(scaled).to(device), torch.zeros(len(raw), dtype=torch.int64),
                       patch_outputs=residual is not None)
         if residual is not None:
-            spot = _add_log_residual(res[1].cpu().numpy(), residual.predict(scaled))
+            spot = residual.correct(res[1].cpu().numpy(), scaled)
             corrected += spot.astype(np.float64).sum(0)
     n = acc.n_patches
     if n == 0:
