@@ -288,12 +288,13 @@ def test_streamed_bag_with_an_active_residual_head_equals_predict():
     model, bags = _tiny_cpnn()
     w = np.random.default_rng(3).normal(size=(bags[0].shape[1], model.n_genes)) * 0.3
 
-    class _Residual:  # stands in for a fitted ResidualHead: a fixed map of the scaled features
-        active = True
+    from cpnn.model.residual import ResidualHead
 
-        @staticmethod
-        def predict(x):
-            return np.tanh(np.asarray(x, np.float64) @ w)
+    class _Residual(ResidualHead):  # a fitted head's stand-in: a fixed map of the scaled features
+        active = True                # and, as the stacked form, of the mixture itself
+
+        def predict(self, x, mixture_log=None):
+            return np.tanh(np.asarray(x, np.float64) @ w) - 0.3 * mixture_log
 
     model.residual = _Residual()
     big = np.concatenate(bags)
