@@ -316,3 +316,13 @@ def test_head_keeps_the_additive_or_off_form_when_the_mixture_is_right():
     head = ResidualHead(n_components=8).fit(x, mixture, observed, groups)
     if head.form_ == "stacked":  # the mixture keeps its weight
         assert np.all(np.abs(head.mixture_coef_ - 1) < 0.2), head.mixture_coef_
+
+
+def test_fit_summary_names_the_form_the_head_chose():
+    from cpnn.workflows.fit import residual_summary
+
+    x, mix, obs, groups, _ = _noisy_mixture_problem()
+    line = residual_summary(ResidualHead(n_components=8).fit(x, mix, obs, groups))
+    assert line.startswith("residual head: kept (stacked, median mixture coefficient"), line
+    off = ResidualHead(n_components=8).fit(x[:, :2] * 0 + 1, obs, obs, groups)
+    assert residual_summary(off).startswith("residual head: off"), residual_summary(off)
