@@ -277,6 +277,9 @@ def test_stacked_path_matches_the_normal_equations():
         np.testing.assert_allclose(m + p @ a_coef + a_inter, m + design @ sol, atol=1e-8)
 
 
+BOTH = ("additive", "stacked")
+
+
 def _noisy_mixture_problem(seed=0, n=400, d=10, g=20):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d))
@@ -289,7 +292,7 @@ def _noisy_mixture_problem(seed=0, n=400, d=10, g=20):
 
 def test_head_stacks_when_the_mixture_is_noise_for_some_genes():
     x, mix, obs, groups, _ = _noisy_mixture_problem()
-    head = ResidualHead(n_components=8).fit(x[:300], mix[:300], obs[:300], groups[:300])
+    head = ResidualHead(n_components=8, forms=BOTH).fit(x[:300], mix[:300], obs[:300], groups[:300])
     assert head.active and head.form_ == "stacked", head.cv_scores_
     c = head.mixture_coef_
     assert np.all(c[:10] > 0.5) and np.all(c[10:] < 0.1), c
@@ -313,7 +316,7 @@ def test_head_keeps_the_additive_or_off_form_when_the_mixture_is_right():
     x, _, obs, groups, signal = _noisy_mixture_problem()
     beyond = 2.0 * np.tanh(x[:, :1] * x[:, 1:2]) * np.linspace(0.5, 1.5, obs.shape[1])
     mixture, observed = signal + beyond, obs + beyond
-    head = ResidualHead(n_components=8).fit(x, mixture, observed, groups)
+    head = ResidualHead(n_components=8, forms=BOTH).fit(x, mixture, observed, groups)
     if head.form_ == "stacked":  # the mixture keeps its weight
         assert np.all(np.abs(head.mixture_coef_ - 1) < 0.2), head.mixture_coef_
 
@@ -322,7 +325,21 @@ def test_fit_summary_names_the_form_the_head_chose():
     from cpnn.workflows.fit import residual_summary
 
     x, mix, obs, groups, _ = _noisy_mixture_problem()
-    line = residual_summary(ResidualHead(n_components=8).fit(x, mix, obs, groups))
+    line = residual_summary(ResidualHead(n_components=8, forms=BOTH).fit(x, mix, obs, groups))
     assert line.startswith("residual head: kept (stacked, median mixture coefficient"), line
     off = ResidualHead(n_components=8).fit(x[:, :2] * 0 + 1, obs, obs, groups)
     assert residual_summary(off).startswith("residual head: off"), residual_summary(off)
+
+
+def test_model_offers_the_stacked_form_only_when_asked(state_problem, tmp_path):
+    ridge = _fit(state_problem, "ridge")
+    assert ridge.residual.forms == ("additive",) and ridge.residual.form_ in ("off", "additive")
+    stacked = _fit(state_problem, "stacked")
+    assert stacked.residual.forms == ("additive", "stacked")
+    assert any(k.startswith("stacked ") for k in stacked.residual.cv_scores_)  # the form was scored
+    np.testing.assert_array_equal(stacked.predict(state_problem["features"][300:])["weights"],
+                                  ridge.predict(state_problem["features"][300:])["weights"])
+    again = CPNN.load(stacked.save(tmp_path / "s.cpnn"))
+    assert again.residual.form_ == stacked.residual.form_
+    a, b = stacked.predict(state_problem["features"][300:]), again.predict(state_problem["features"][300:])
+    np.testing.assert_allclose(a["spot_expr"], b["spot_expr"], rtol=1e-5, atol=1e-7)

@@ -14,7 +14,7 @@ LOSSES = ("nb", "poisson", "mse_log1p", "pearson")
 LEVELS = ("spot", "bulk")
 EARLY_STOPPING = ("val_loss", "val_pcc", "val_pcc_comp", "none")
 FEATURE_SCALING = ("robust", "standard", "none")
-RESIDUAL_HEADS = ("none", "ridge")
+RESIDUAL_HEADS = ("none", "ridge", "stacked")
 
 
 @dataclass
@@ -56,11 +56,13 @@ class CPNNConfig:
         Project the scaled features on their first ``input_pca`` principal components
         (fitted on the training features) before the MLP; 0 keeps every dimension.
     residual_head
-        ``"none"`` (expression is the cell-type mixture only) or ``"ridge"``: after
+        ``"none"`` (expression is the cell-type mixture only), ``"ridge"``: after
         training, a ridge map from a spot's features to what the mixture leaves
         unexplained on log1p CP10k (cell states shared across types), kept only when
         inner cross-validation over the training groups says it improves the prediction
-        (:class:`cpnn.model.residual.ResidualHead`). Spot level only; the cell-type
+        (:class:`cpnn.model.residual.ResidualHead`), or ``"stacked"``: the same inner
+        cross-validation may also choose the stacked form, ``a_g * mixture + ridge`` with
+        a non-negative mixture coefficient per gene. Spot level only; the cell-type
         weights are never changed by it.
     """
 

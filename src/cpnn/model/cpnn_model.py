@@ -125,7 +125,7 @@ class CPNN:
         self.scaler: Optional[FeatureScaler] = None
         self.log_platform_factor: Optional[np.ndarray] = None
         self.split: Dict[str, list] = {}
-        self.residual = None  # ResidualHead when config.residual_head == "ridge"
+        self.residual = None  # ResidualHead when config.residual_head is "ridge" or "stacked"
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -270,7 +270,7 @@ class CPNN:
         train_cpnn = _trainer()
         self.modules, self.train_results = [], []
         members = []
-        wants_residual = self.config.residual_head == "ridge"
+        wants_residual = self.config.residual_head != "none"
         # out-of-fold mixture: each bag predicted by the members that never trained on it
         oof_sum = np.zeros((data.n_bags, len(self.genes)), dtype=np.float64) if wants_residual else None
         oof_n = np.zeros(data.n_bags, dtype=np.int64)
@@ -326,7 +326,8 @@ class CPNN:
                     "early stopping on) or use residual_head='none'")
         mix = oof_sum[rows] / oof_n[rows, None]
         head_groups = None if groups is None else np.asarray(groups)[rows]
-        head = ResidualHead(seed=self.train_config.seed).fit(
+        forms = ("additive", "stacked") if self.config.residual_head == "stacked" else ("additive",)
+        head = ResidualHead(seed=self.train_config.seed, forms=forms).fit(
             data.bag_means()[rows], composition_log1p(mix), log1p_cp10k(counts[rows]), head_groups)
         head.oof_fraction_ = float(len(rows) / data.n_bags)
         return head

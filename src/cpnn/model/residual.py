@@ -94,12 +94,12 @@ class ResidualHead:
         For the inner folds when there are no groups.
     forms
         Head forms the inner cross-validation may choose besides "off"
-        (``"additive"``, ``"stacked"``).
+        (``"additive"``, ``"stacked"``); ``CPNNConfig.residual_head="stacked"`` offers both.
     """
 
     def __init__(self, n_components: int = 256, alphas: Sequence[float] = DEFAULT_ALPHA_GRID,
                  n_inner_folds: int = 4, seed: int = 0,
-                 forms: Sequence[str] = ("additive", "stacked")) -> None:
+                 forms: Sequence[str] = ("additive",)) -> None:
         bad = [f for f in forms if f not in HEAD_FORMS[1:]]
         if bad or not forms:
             raise ValueError(f"residual head forms must be among {HEAD_FORMS[1:]}, got {list(forms)}")
