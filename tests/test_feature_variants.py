@@ -70,6 +70,19 @@ def test_variants_reuse_the_base_features(samples):
                                       standardise_slide(np.concatenate([b, nuc], -1), "center"))
 
 
+def test_nocontext_variant_leaves_out_only_the_spatial_context(samples):
+    from cpnn.workflows.context import context_features
+    from cpnn.workflows.feature_variants import feature_variants
+
+    out = feature_variants(samples, _spec(), ["base", "nocontext", "robust+nocontext"], context_rings=1)
+    for s in samples:
+        with_context = context_features(s.features, s.adata.obsm["spatial"], 1)
+        assert with_context.shape[-1] == 2 * s.features.shape[-1]  # the context really is there
+        np.testing.assert_array_equal(out["base"][s.sample_id], with_context)
+        np.testing.assert_array_equal(out["nocontext"][s.sample_id], s.features)
+        assert out["robust+nocontext"][s.sample_id].shape == s.features.shape
+
+
 def test_stain_variant_fits_on_the_given_training_samples_and_caches(samples, tmp_path):
     from cpnn.image.stain import stain_target_tag
     from cpnn.workflows.feature_variants import feature_variants_with_target
@@ -93,7 +106,9 @@ def test_stain_variant_fits_on_the_given_training_samples_and_caches(samples, tm
 def test_bad_variants_and_missing_stain_inputs_are_refused(samples):
     from cpnn.workflows.feature_variants import feature_variants, parse_variant
 
-    assert parse_variant("nuclei+robust") == {"nuclei": True, "stain": False, "standardise": "robust"}
+    assert parse_variant("nuclei+robust") == {"nuclei": True, "stain": False, "standardise": "robust",
+                                              "context": True}
+    assert parse_variant("nocontext")["context"] is False
     for bad in ("zscore", "center+robust", ""):
         with pytest.raises(CPNNInputError):
             parse_variant(bad)

@@ -12,10 +12,12 @@ the order :func:`~cpnn.workflows.spatial.attach_features` uses):
 - ``base``: the given features;
 - ``nuclei``: ``base`` ⊕ the 16 nuclear-morphology features per patch;
 - ``stain``: CNN features of Macenko-normalised patches instead of ``base``;
-- ``center`` / ``robust``: each sample standardised on its own features.
+- ``center`` / ``robust``: each sample standardised on its own features;
+- ``nocontext``: without the spatial context that ``context_rings`` would add (so nested
+  selection can weigh the context itself).
 
-e.g. ``["base", "nuclei", "robust", "nuclei+robust", "stain+center"]``. Spatial context
-is not applied unless ``context_rings`` is given (the benchmark applies it itself).
+e.g. ``["base", "nuclei", "robust", "nuclei+robust", "stain+center", "nocontext"]``. Spatial
+context is not applied unless ``context_rings`` is given (the benchmark applies it itself).
 """
 from __future__ import annotations
 
@@ -29,11 +31,11 @@ from ..errors import CPNNInputError
 
 __all__ = ["VARIANT_PARTS", "parse_variant", "feature_variants", "feature_variants_with_target"]
 
-VARIANT_PARTS = ("base", "nuclei", "stain", "center", "robust")
+VARIANT_PARTS = ("base", "nuclei", "stain", "center", "robust", "nocontext")
 
 
 def parse_variant(name: str) -> Dict[str, Any]:
-    """``"nuclei+robust"`` -> ``{"nuclei": True, "stain": False, "standardise": "robust"}``."""
+    """``"nuclei+robust"`` -> ``{"nuclei": True, "stain": False, "standardise": "robust", "context": True}``."""
     parts = [p.strip() for p in str(name).split("+") if p.strip()]
     unknown = [p for p in parts if p not in VARIANT_PARTS]
     if not parts or unknown:
@@ -44,7 +46,7 @@ def parse_variant(name: str) -> Dict[str, Any]:
         raise CPNNInputError(f"variant {name!r} asks for two standardisations", field="variants",
                              fix="use center or robust, not both")
     return {"nuclei": "nuclei" in parts, "stain": "stain" in parts,
-            "standardise": modes[0] if modes else "none"}
+            "standardise": modes[0] if modes else "none", "context": "nocontext" not in parts}
 
 
 def feature_variants(
@@ -143,7 +145,8 @@ def feature_variants_with_target(samples, spec, variants, *, encoder=None, stain
             if p["nuclei"]:
                 x = np.concatenate([x, nuclei[s.sample_id]], axis=-1)
             x = standardise_slide(x, p["standardise"])
-            x = context_features(x, s.adata.obsm["spatial"], context_rings)
+            if p["context"]:
+                x = context_features(x, s.adata.obsm["spatial"], context_rings)
             per[s.sample_id] = np.array(x, dtype=np.float32, copy=True)
         out[name] = per
     return out, target
