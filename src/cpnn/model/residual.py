@@ -208,7 +208,8 @@ class ResidualHead:
 
     def describe(self) -> Dict[str, Any]:
         """What the inner cross-validation chose, for metrics files."""
-        out: Dict[str, Any] = {"active": self.active, "form": self.form_, "alpha": self.alpha_}
+        out: Dict[str, Any] = {"active": self.active, "form": self.form_, "alpha": self.alpha_,
+                               "forms_offered": list(self.forms)}
         if self.mixture_coef_ is not None:
             q = np.quantile(self.mixture_coef_, [0.1, 0.5, 0.9])
             out["mixture_coef_quantiles_10_50_90"] = [round(float(v), 4) for v in q]
