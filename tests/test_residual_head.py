@@ -258,6 +258,7 @@ def _reference_stacked(p, m, y, alpha):
 
 
 def test_stacked_path_matches_the_normal_equations():
+    from cpnn.model.probes import RidgeProbe
     from cpnn.model.residual import stacked_ridge_path
 
     rng = np.random.default_rng(0)
@@ -265,13 +266,13 @@ def test_stacked_path_matches_the_normal_equations():
     y = p @ rng.normal(size=(6, 5)) + rng.normal(size=(80, 5))
     m = np.column_stack([y[:, :3] + 0.3 * rng.normal(size=(80, 3)), -y[:, 3], rng.normal(size=80)])
     for alpha in (0.5, 30.0):
-        additive, stacked = stacked_ridge_path(p, m, y, [alpha])
-        c, coef, inter = stacked[0]
+        c, coef, inter = stacked_ridge_path(p, m, y, [alpha])[0]
         ref_c, ref_pred = _reference_stacked(p, m, y, alpha)
         np.testing.assert_allclose(c, ref_c, atol=1e-8)
         np.testing.assert_allclose(c * m + p @ coef + inter, ref_pred, atol=1e-8)
         assert c[3] == 0.0  # an anti-correlated mixture gene is not used upside down
-        a_coef, a_inter = additive[0]  # the additive form is ridge on y - m
+        a_coefs, a_inters = RidgeProbe._ridge_path(p, y - m, [alpha])  # the additive form: ridge on y - m
+        a_coef, a_inter = a_coefs[0], a_inters[0]
         design = np.column_stack([np.ones(80), p])
         sol = np.linalg.solve(design.T @ design + np.diag([0.0] + [alpha] * 6), design.T @ (y - m))
         np.testing.assert_allclose(m + p @ a_coef + a_inter, m + design @ sol, atol=1e-8)

@@ -213,10 +213,7 @@ def run_cpnn(train: TrainData, test: TestData, ctx: MethodContext, /, **options)
         weights=out["weights"], cell_types=list(model.cell_types),
         info={"best_epoch": tr.best_epoch, "epochs_run": tr.epochs_run, "criterion": tr.criterion,
               "n_cell_types": len(model.cell_types), "n_model_genes": len(model.genes),
-              "residual_alpha": None if model.residual is None else model.residual.alpha_,
-              "residual_form": None if model.residual is None else model.residual.form_,
-              "residual_mixture_coef_median": None if getattr(model.residual, "mixture_coef_", None) is None
-              else round(float(np.median(model.residual.mixture_coef_)), 4),
+              **_residual_info(model.residual),
               "fit_seconds": round(time.perf_counter() - t0, 1)},
     )
 
@@ -250,6 +247,14 @@ def spot_level(features: np.ndarray) -> np.ndarray:
         return np.stack([np.asarray(b, dtype=np.float64).mean(0) for b in features]).astype(np.float32)
     features = np.asarray(features, dtype=np.float32)
     return features.mean(axis=1) if features.ndim == 3 else features
+
+
+def _residual_info(head) -> Dict[str, Any]:
+    """The residual head's choice for results.csv (``info_residual_*`` columns)."""
+    described = {} if head is None else head.describe()
+    quantiles = described.get("mixture_coef_quantiles_10_50_90")
+    return {"residual_alpha": described.get("alpha"), "residual_form": described.get("form"),
+            "residual_mixture_coef_median": None if quantiles is None else quantiles[1]}
 
 
 @register_method("ridge", options=("alphas", "n_components", "n_inner_folds", "seed"))

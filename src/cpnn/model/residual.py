@@ -36,14 +36,14 @@ from .probes import DEFAULT_ALPHA_GRID, RidgeProbe, _mean_pearson, inner_folds
 HEAD_FORMS = ("off", "additive", "stacked")
 
 
-def stacked_ridge_path(p: np.ndarray, m: np.ndarray, y: np.ndarray, alphas: Sequence[float]
-                       ) -> Tuple[list, list]:
-    """Both head forms for every penalty, from one SVD of the projected features.
+def stacked_ridge_path(p: np.ndarray, m: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> list:
+    """The stacked form for every penalty, from one SVD of the projected features.
 
-    Fits ``y_g ~ c_g * m_g + p @ beta_g + intercept_g`` by ridge on ``beta`` only. The
-    ``additive`` form fixes ``c_g = 1``; the ``stacked`` form profiles ``beta`` out:
-    with ``H = p (p'p + alpha I)^-1 p'`` (centred), ``c_g = m_g'(I - H) y_g / m_g'(I - H) m_g``,
-    clipped at 0 (the mixture is never used upside down).
+    Fits ``y_g ~ c_g * m_g + p @ beta_g + intercept_g`` by ridge on ``beta`` only,
+    ``beta`` profiled out: with ``H = p (p'p + alpha I)^-1 p'`` (centred),
+    ``c_g = m_g'(I - H) y_g / m_g'(I - H) m_g``, clipped at 0 (the mixture is never used
+    upside down). (The additive form, ``c_g = 1``, is the plain ridge path of ``y - m``:
+    :meth:`cpnn.model.probes.RidgeProbe._ridge_path`.)
 
     Parameters
     ----------
@@ -56,18 +56,16 @@ def stacked_ridge_path(p: np.ndarray, m: np.ndarray, y: np.ndarray, alphas: Sequ
 
     Returns
     -------
-    additive, stacked
-        Per penalty, ``(coef (k, G), intercept (G,))`` and ``(c (G,), coef, intercept)``.
+    list
+        Per penalty, ``(c (G,), coef (k, G), intercept (G,))``.
     """
     pm, mm, ym = p.mean(axis=0), m.mean(axis=0), y.mean(axis=0)
     pc, mc, yc = p - pm, m - mm, y - ym
     u, s, vt = np.linalg.svd(pc, full_matrices=False)
     utm, uty = u.T @ mc, u.T @ yc
-    additive, stacked = [], []
+    out = []
     for alpha in alphas:
         gain = s / (s * s + alpha)
-        coef = vt.T @ (gain[:, None] * (uty - utm))
-        additive.append((coef, ym - mm - pm @ coef))
         smooth = (s * gain)[:, None]  # H = U diag(s^2 / (s^2 + alpha)) U'
         resid_m = mc - u @ (smooth * utm)
         resid_y = yc - u @ (smooth * uty)
@@ -75,8 +73,8 @@ def stacked_ridge_path(p: np.ndarray, m: np.ndarray, y: np.ndarray, alphas: Sequ
         c = np.where(denom > 1e-12, np.einsum("ng,ng->g", mc, resid_y) / np.maximum(denom, 1e-12), 0.0)
         c = np.clip(c, 0.0, None)
         coef = vt.T @ (gain[:, None] * (uty - c * utm))
-        stacked.append((c, coef, ym - c * mm - pm @ coef))
-    return additive, stacked
+        out.append((c, coef, ym - c * mm - pm @ coef))
+    return out
 
 
 class ResidualHead:
@@ -150,15 +148,14 @@ class ResidualHead:
             tr = ~test
             mean, std, comps = probe._fit_transform_basis(x[tr])
             p_tr, p_te = probe._project(x[tr], mean, std, comps), probe._project(x[test], mean, std, comps)
-            additive, stacked = stacked_ridge_path(p_tr, base[tr], y[tr], self.alphas)
             off += _mean_pearson(base[test], y[test]) / n_folds
-            for i in range(len(self.alphas)):
-                if "additive" in scores:
-                    coef, inter = additive[i]
-                    pred = base[test] + p_te @ coef + inter
+            if "additive" in scores:
+                coefs, inters = probe._ridge_path(p_tr, y[tr] - base[tr], self.alphas)
+                for i in range(len(self.alphas)):
+                    pred = base[test] + p_te @ coefs[i] + inters[i]
                     scores["additive"][i] += _mean_pearson(pred, y[test]) / n_folds
-                if "stacked" in scores:
-                    c, coef, inter = stacked[i]
+            if "stacked" in scores:
+                for i, (c, coef, inter) in enumerate(stacked_ridge_path(p_tr, base[tr], y[tr], self.alphas)):
                     pred = c * base[test] + p_te @ coef + inter
                     scores["stacked"][i] += _mean_pearson(pred, y[test]) / n_folds
         self.cv_scores_ = {"off": float(off)}
@@ -173,14 +170,14 @@ class ResidualHead:
         if best_form == "off":
             return self
         self.form_, self.alpha_ = best_form, best_alpha
-        mean, std, comps = probe._fit_transform_basis(x)
-        additive, stacked = stacked_ridge_path(probe._project(x, mean, std, comps), base, y, [best_alpha])
-        fitted = RidgeProbe(n_components=self.n_components, alphas=[best_alpha])
-        fitted.alpha_, fitted.mean_, fitted.std_, fitted.components_ = best_alpha, mean, std, comps
         if best_form == "additive":
-            fitted.coef_, fitted.intercept_ = additive[0]
-        else:
-            self.mixture_coef_, fitted.coef_, fitted.intercept_ = stacked[0]
+            self._probe = probe.fit_alpha(x, y - base, best_alpha)
+            return self
+        fitted = RidgeProbe(n_components=self.n_components, alphas=[best_alpha])
+        fitted.alpha_ = best_alpha
+        fitted.mean_, fitted.std_, fitted.components_ = probe._fit_transform_basis(x)
+        p_all = fitted._project(x, fitted.mean_, fitted.std_, fitted.components_)
+        (self.mixture_coef_, fitted.coef_, fitted.intercept_), = stacked_ridge_path(p_all, base, y, [best_alpha])
         self._probe = fitted
         return self
 

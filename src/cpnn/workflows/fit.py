@@ -330,9 +330,10 @@ def residual_summary(head) -> str:
     if head.active:
         best = max((v for k, v in scores.items() if k != "off"), default=None)
         detail = f"inner-CV Pearson {best:.3f} vs {off:.3f} without" if best is not None and off is not None else ""
-        form = getattr(head, "form_", "additive")
-        if form == "stacked" and getattr(head, "mixture_coef_", None) is not None:
-            form += f", median mixture coefficient {float(sorted(head.mixture_coef_)[len(head.mixture_coef_) // 2]):.2f}"
+        described = head.describe()
+        form = described["form"]
+        if "mixture_coef_quantiles_10_50_90" in described:
+            form += f", median mixture coefficient {described['mixture_coef_quantiles_10_50_90'][1]:.2f}"
         return f"residual head: kept ({form}), penalty {head.alpha_:g}" + (f" ({detail})" if detail else "")
     detail = f" (inner-CV Pearson without it {off:.3f}: no form or penalty did better)" if off is not None else ""
     return "residual head: off" + detail
