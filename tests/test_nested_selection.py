@@ -204,3 +204,37 @@ def test_feature_variants_are_candidates_and_slide_standardisation_wins_under_sl
 def test_unknown_feature_variant_is_a_clear_error():
     with pytest.raises(CPNNInputError, match="feature variant"):
         _cfg([{"name": "r", "kind": "ridge", "candidates": {"features": ["base", "hematoxylin"]}}])
+
+
+def test_patient_transfer_choices_see_only_the_training_patients_sections(spy, cohort, tmp_path):
+    """Train on one patient, test on the next: every call of fold f trains on sections of
+    its training patient only, inner folds are scored on that patient's sections, and the
+    one outer prediction per gene set is on the next patient."""
+    samples, calls, state, patient_of = spy
+    state["oracle_patient"] = sorted(set(patient_of.values()))[1]  # fold 0's test patient
+    cfg = _cfg([{"name": "spy", "kind": "spy", "candidates": {"mode": ["oracle", "honest"]}}],
+               split={"by": "section", "scheme": "patient_transfer", "val_fraction": 0.2},
+               selection={"max_inner_folds": 2})
+    res = run_benchmark(BenchmarkData(samples, reference=cohort.reference), cfg, tmp_path / "t", progress=False)
+    saved = json.loads((tmp_path / "t" / "splits.json").read_text())
+    assert saved["meta"]["scheme"] == "patient_transfer"
+    patients = sorted(set(patient_of.values()))
+    assert [f["train_patient"] for f in saved["folds"]] == patients
+    n_final = 0
+    for c in calls:
+        fold = saved["folds"][c["fold"]]
+        assert {patient_of[i.split(":")[0]] for i in c["train"]} == {fold["train_patient"]}
+        tested = {patient_of[i.split(":")[0]] for i in c["test"]}
+        if c["test"] == set(fold["test_ids"]):
+            n_final += 1
+            assert tested == {fold["test_patient"]}
+        else:
+            assert tested == {fold["train_patient"]}, "an inner fold was scored outside the training patient"
+    assert n_final == len(saved["folds"]) * 2
+    assert set(res.results[res.results["fold"] == 0]["selected"]) == {json.dumps({"mode": "honest"})}
+    assert "trains on every section of one patient" in (tmp_path / "t" / "report.md").read_text()
+
+
+def test_patient_transfer_needs_section_groups():
+    with pytest.raises(CPNNInputError, match="sections"):
+        _cfg([{"name": "r", "kind": "ridge"}], split={"by": "patient", "scheme": "patient_transfer"})

@@ -118,3 +118,33 @@ def test_load_rejects_other_json(tmp_path):
         load_splits(p)
     with pytest.raises(CPNNInputError, match="not found"):
         load_splits(tmp_path / "missing.json")
+
+
+def test_patient_transfer_trains_on_one_patient_and_tests_on_the_next():
+    from cpnn.data import patient_transfer
+
+    # 3 patients with 3, 2 and 4 sections of 5 observations each
+    sections = [f"{p}{k}" for p, n in (("A", 3), ("B", 2), ("C", 4)) for k in range(n) for _ in range(5)]
+    patients = [s[0] for s in sections]
+    folds = patient_transfer(sections, patients, seed=0, val_fraction=0.3)
+    assert [(f["train_patient"], f["test_patient"]) for f in folds] == [("A", "B"), ("B", "C"), ("C", "A")]
+    for f in folds:
+        seen = {sections[i] for i in f["train"] + f["val"]}
+        assert {s[0] for s in seen} == {f["train_patient"]}  # only the training patient's sections
+        assert {patients[i] for i in f["test"]} == {f["test_patient"]}
+        assert len(f["test"]) == 5 * sum(s[0] == f["test_patient"] for s in set(sections))
+        if f["val_mode"] == "groups":  # validation is whole sections of the training patient
+            assert not ({sections[i] for i in f["val"]} & {sections[i] for i in f["train"]})
+    assert folds[0]["val_mode"] == "groups" and folds[1]["val_mode"] == "observations"
+    check_no_leakage(folds, sections)
+
+
+def test_patient_transfer_errors():
+    from cpnn.data import patient_transfer
+
+    with pytest.raises(CPNNInputError, match="more than one patient"):
+        patient_transfer(["s1", "s1", "s2"], ["A", "B", "B"])
+    with pytest.raises(CPNNInputError, match="only 1 patient"):
+        patient_transfer(["s1", "s2"], ["A", "A"])
+    with pytest.raises(CPNNInputError, match="patient labels"):
+        patient_transfer(["s1", "s2"], ["A"])

@@ -36,6 +36,7 @@ _LAZY = {
     # splits
     "grouped_folds": "splits",
     "leave_one_group_out": "splits",
+    "patient_transfer": "splits",
     "check_no_leakage": "splits",
     "save_splits": "splits",
     "load_splits": "splits",

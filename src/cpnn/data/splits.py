@@ -193,6 +193,63 @@ def leave_one_group_out(
             for i, u in enumerate(uniq)]
 
 
+def patient_transfer(
+    sections: Sequence[Any],
+    patients: Sequence[Any],
+    seed: int = 0,
+    val_fraction: float = 0.0,
+    ids: Optional[Sequence[Any]] = None,
+) -> list[dict]:
+    """Train on every section of one patient, test on the next patient's sections.
+
+    The setting users meet when they apply a model trained on one patient's serial
+    sections to a new patient (HER2ST: train on C2-C6, test on another patient). With the
+    patients sorted by label, fold ``i`` trains on the sections of patient ``i`` and tests
+    on those of patient ``i + 1`` (cyclically), so every patient is trained on once and
+    tested on once. Groups are *sections*: the validation part and any inner folds are
+    whole sections of the training patient, as they would be for a user with one patient.
+
+    Parameters
+    ----------
+    sections
+        Section label of each observation (the groups of the folds).
+    patients
+        Patient label of each observation; every section must belong to one patient.
+    seed, val_fraction, ids
+        As in :func:`grouped_folds`.
+
+    Returns
+    -------
+    list[dict]
+        One fold per patient; ``train_patient`` and ``test_patient`` name the two.
+    """
+    g = _as_groups(sections)
+    pat = _as_groups(patients)
+    if len(pat) != len(g):
+        raise CPNNInputError(f"{len(pat)} patient labels for {len(g)} observations.", field="patients",
+                             fix="give one patient label per observation.")
+    _check_args(len(g), ids, val_fraction)
+    owner = pd.DataFrame({"section": g, "patient": pat}).drop_duplicates()
+    shared = owner["section"][owner["section"].duplicated()].unique().tolist()
+    if shared:
+        raise CPNNInputError(f"section(s) {shared[:5]} carry more than one patient label.",
+                             field="obs['patient']", fix="give every section of a patient the same patient id.")
+    uniq = sorted(set(pat.tolist()))
+    if len(uniq) < 2:
+        raise CPNNInputError(f"only {len(uniq)} patient(s); patient_transfer needs >= 2.", field="obs['patient']",
+                             fix="use leave_one_group_out by section for one patient (and say it measures new "
+                                 "sections, not new patients).")
+    sections_of = {p: sorted(owner.loc[owner["patient"] == p, "section"].tolist()) for p in uniq}
+    rng = np.random.default_rng(seed)
+    folds = []
+    for i, p in enumerate(uniq):
+        q = uniq[(i + 1) % len(uniq)]
+        fold = _fold_dict(i, g, sections_of[q], sections_of[p], val_fraction, rng, ids)
+        fold.update({"train_patient": p, "test_patient": q})
+        folds.append(fold)
+    return folds
+
+
 def check_no_leakage(splits: Sequence[dict], groups: Sequence[Any], ids: Optional[Sequence[Any]] = None) -> None:
     """Raise CPNNInputError if any group sits on two sides of a fold (val excepted when
     ``val_mode == "observations"``) or a fold's parts overlap."""

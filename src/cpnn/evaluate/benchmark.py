@@ -44,6 +44,9 @@ from .selection import DEFAULT_SELECTION, Selection, candidate_grid, describe, s
 HER2ST_MAJOR_MAPPING = {"Cancer Epithelial": "Epithelial", "Normal Epithelial": "Epithelial",
                         "Plasmablasts": "Plasma Cells"}
 
+#: outer split schemes of ``split.scheme`` (see :func:`make_splits`)
+SPLIT_SCHEMES = ("leave_one_group_out", "k_fold", "patient_transfer")
+
 DEFAULTS: Dict[str, Any] = {
     "seed": 0,
     "split": {"by": "patient", "scheme": "leave_one_group_out", "n_folds": 4, "val_fraction": 0.2},
@@ -100,9 +103,12 @@ def resolve_config(cfg: Dict[str, Any], data_dir: Optional[str] = None) -> Dict[
     sp = out["split"]
     if sp["by"] not in ("patient", "section"):
         raise CPNNInputError(f"split.by must be patient or section, got {sp['by']!r}", field="split.by")
-    if sp["scheme"] not in ("leave_one_group_out", "k_fold"):
+    if sp["scheme"] not in SPLIT_SCHEMES:
         raise CPNNInputError(f"unknown split.scheme {sp['scheme']!r}", field="split.scheme",
-                             fix="use leave_one_group_out or k_fold")
+                             fix=f"use one of {', '.join(SPLIT_SCHEMES)}")
+    if sp["scheme"] == "patient_transfer" and sp["by"] != "section":
+        raise CPNNInputError("split.scheme patient_transfer trains on one patient's sections, so its groups "
+                             "are sections", field="split.by", fix="use split: {by: section, scheme: patient_transfer}")
     names = [m.get("name") for m in out["methods"]]
     if any(not n for n in names) or len(set(names)) != len(names):
         raise CPNNInputError(f"every method needs a unique name (got {names})", field="methods[].name")
@@ -307,13 +313,22 @@ def _group_labels(samples, by: str) -> np.ndarray:
     return np.concatenate(out)
 
 
-def make_splits(groups: Sequence[str], split_cfg: Dict[str, Any], seed: int, ids: Sequence[str]) -> List[dict]:
-    """Grouped, seeded folds (``cpnn.data.splits``), checked for leakage."""
-    from ..data.splits import check_no_leakage, grouped_folds, leave_one_group_out
+def make_splits(groups: Sequence[str], split_cfg: Dict[str, Any], seed: int, ids: Sequence[str],
+                patients: Optional[Sequence[str]] = None) -> List[dict]:
+    """Grouped, seeded folds (``cpnn.data.splits``), checked for leakage.
+
+    ``patients`` (one label per observation) is needed by ``patient_transfer`` only.
+    """
+    from ..data.splits import check_no_leakage, grouped_folds, leave_one_group_out, patient_transfer
 
     vf = float(split_cfg.get("val_fraction", 0.2))
     seed = int(split_cfg.get("seed", seed))
-    if split_cfg["scheme"] == "leave_one_group_out":
+    if split_cfg["scheme"] == "patient_transfer":
+        if patients is None:
+            raise CPNNInputError("split.scheme patient_transfer needs a patient label per observation",
+                                 field="obs['patient']", fix="give every sample its patient id")
+        folds = patient_transfer(groups, patients, seed=seed, val_fraction=vf)
+    elif split_cfg["scheme"] == "leave_one_group_out":
         folds = leave_one_group_out(groups, seed=seed, val_fraction=vf)
     else:
         folds = grouped_folds(groups, n_folds=int(split_cfg.get("n_folds", 4)), seed=seed, val_fraction=vf)
@@ -491,7 +506,8 @@ def run_benchmark(
     sample_of = np.concatenate([[s.sample_id] * s.adata.n_obs for s in samples])
     by = cfg["split"]["by"]
     groups = _group_labels(samples, by)
-    splits = make_splits(groups, cfg["split"], seed, ids)
+    patients = _group_labels(samples, "patient") if cfg["split"]["scheme"] == "patient_transfer" else None
+    splits = make_splits(groups, cfg["split"], seed, ids, patients)
     from ..workflows.input_checks import check_choices  # before anything is written
 
     check_choices(folds, [f["fold"] for f in splits], "--folds", "fold")

@@ -181,7 +181,12 @@ def write_report(out: Path, res, cfg: Dict[str, Any], data) -> Path:
     m = res.meta
     mach = m["machine"]
     by = m["split_by"]
-    if by == "section":
+    if cfg["split"].get("scheme") == "patient_transfer":
+        split_txt = (f"Each fold **trains on every section of one patient and tests on the next patient's "
+                     f"sections** ({m['n_groups']} sections from {m['n_patients']} patients; `train_patient` and "
+                     "`test_patient` in `splits.json`): new patients, as a user meets them. Validation parts and "
+                     "inner folds are whole sections of the training patient.")
+    elif by == "section":
         split_txt = (f"Folds are grouped **by section** ({m['n_groups']} sections from {m['n_patients']} "
                      f"patient(s)); no section is on two sides of a fold.")
         if m["n_patients"] < m["n_groups"]:
