@@ -232,7 +232,11 @@ def test_patient_transfer_choices_see_only_the_training_patients_sections(spy, c
             assert tested == {fold["train_patient"]}, "an inner fold was scored outside the training patient"
     assert n_final == len(saved["folds"]) * 2
     assert set(res.results[res.results["fold"] == 0]["selected"]) == {json.dumps({"mode": "honest"})}
-    assert "trains on every section of one patient" in (tmp_path / "t" / "report.md").read_text()
+    pairs = res.results.groupby("fold")[["train_patient", "test_patient"]].first()
+    assert list(pairs["train_patient"]) == patients and list(pairs["test_patient"]) == patients[1:] + patients[:1]
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "trains on every section of one patient" in report
+    assert f"| 0 | {patients[0]} → {patients[1]} |" in report  # the selection table names the pair
 
 
 def test_patient_transfer_needs_section_groups():

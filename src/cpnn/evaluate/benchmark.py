@@ -635,6 +635,7 @@ def run_benchmark(
                 met = expression_metrics(expr, truth, genes)
                 row = {"method": m["name"], "kind": m["kind"], "gene_set": gs["name"], "fold": int(fold["fold"]),
                        "test_groups": ",".join(fold["test_groups"]), "val_groups": ",".join(fold["val_groups"]),
+                       **{k: fold[k] for k in ("train_patient", "test_patient") if k in fold},
                        "n_train": int((~val_mask[keep_tr]).sum()), "n_val": int(val_mask[keep_tr].sum()),
                        "n_test": int(keep_te.sum()), "n_test_dropped": int((~keep_te).sum()),
                        **{k: v for k, v in met.items() if k != "per_gene"},

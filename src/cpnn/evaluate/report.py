@@ -51,12 +51,20 @@ def markdown_summary(results: pd.DataFrame) -> List[str]:
     return lines
 
 
+def _test_label(r) -> str:
+    """What a fold tested: its groups, or ``P01 → P02`` for a patient_transfer fold."""
+    train_p, test_p = r.get("train_patient"), r.get("test_patient")
+    if isinstance(train_p, str) and isinstance(test_p, str):
+        return f"{train_p} → {test_p}"
+    return str(r["test_groups"])
+
+
 def markdown_per_fold(results: pd.DataFrame) -> List[str]:
     lines = ["| gene set | fold (test) | method | n test | Pearson mean | Spearman mean | q<0.05 | composition r |",
              "|---|---|---|---|---|---|---|---|"]
     for _, r in results.iterrows():
         comp = f"{r['composition_mean']:.3f}" if np.isfinite(r["composition_mean"]) else "–"
-        lines.append(f"| {r['gene_set']} | {r['fold']} ({r['test_groups']}) | {r['method']} | {r['n_test']} | "
+        lines.append(f"| {r['gene_set']} | {r['fold']} ({_test_label(r)}) | {r['method']} | {r['n_test']} | "
                      f"{r['pcc_mean']:.3f} | {r['scc_mean']:.3f} | {r['n_significant']}/{r['n_genes_scored']} | {comp} |")
     return lines
 
@@ -73,7 +81,7 @@ def markdown_selection(results: pd.DataFrame, metric: str = "scc_mean") -> List[
              f"(`selection.json` has every candidate's inner scores); the same choice is used for every gene set.",
              "", f"| method | fold | test | chosen | inner {metric} | outer {metric} |", "|---|---|---|---|---|---|"]
     for _, r in rows.iterrows():
-        lines.append(f"| {r['method']} | {r['fold']} | {r['test_groups']} | `{r['selected']}` | "
+        lines.append(f"| {r['method']} | {r['fold']} | {_test_label(r)} | `{r['selected']}` | "
                      f"{r['inner_score']:.3f} | {r[metric]:.3f} |")
     counts = rows.groupby("method")["selected"].agg(lambda v: v.value_counts().to_dict())
     lines += ["", "Most often chosen: " + "; ".join(
