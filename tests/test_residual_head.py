@@ -344,3 +344,52 @@ def test_model_offers_the_stacked_form_only_when_asked(state_problem, tmp_path):
     assert again.residual.form_ == stacked.residual.form_
     a, b = stacked.predict(state_problem["features"][300:]), again.predict(state_problem["features"][300:])
     np.testing.assert_allclose(a["spot_expr"], b["spot_expr"], rtol=1e-5, atol=1e-7)
+
+
+def test_blend_is_the_weighted_average_of_the_additive_head_and_a_probe():
+    """For one penalty, c * m + ridge(y - c m) = c * (m + ridge(y - m)) + (1 - c) * ridge(y)."""
+    from cpnn.model.probes import RidgeProbe
+
+    rng = np.random.default_rng(3)
+    p = rng.normal(size=(90, 7))
+    y = p @ rng.normal(size=(7, 4)) + rng.normal(size=(90, 4))
+    m = y + rng.normal(size=(90, 4))
+    for c in (0.75, 0.5, 0.25):
+        (bc,), (ic,) = RidgeProbe._ridge_path(p, y - c * m, [4.0])
+        (ba,), (ia,) = RidgeProbe._ridge_path(p, y - m, [4.0])
+        (bp,), (ip,) = RidgeProbe._ridge_path(p, y, [4.0])
+        np.testing.assert_allclose(c * m + p @ bc + ic, c * (m + p @ ba + ia) + (1 - c) * (p @ bp + ip), atol=1e-9)
+
+
+def test_head_blends_when_the_mixture_is_noisy_for_every_gene():
+    x, _, obs, groups, signal = _noisy_mixture_problem()
+    mix = signal + 1.5 * np.random.default_rng(5).normal(size=signal.shape)  # every gene: signal + noise
+    head = ResidualHead(n_components=8, forms=("additive", "blend")).fit(x[:300], mix[:300], obs[:300], groups[:300])
+    assert head.active and head.form_ == "blend" and head.mixture_weight_ < 1, head.cv_scores_
+    assert any(k.startswith("blend ") for k in head.cv_scores_)
+    additive = ResidualHead(n_components=8, forms=("additive",)).fit(x[:300], mix[:300], obs[:300], groups[:300])
+    held = slice(300, 400)
+    from cpnn._numerics import mean_column_pearson
+
+    blended = mix[held] + head.predict(x[held], mix[held])
+    assert mean_column_pearson(blended, obs[held]) > mean_column_pearson(mix[held] + additive.predict(x[held]),
+                                                                         obs[held]) + 0.02
+    with pytest.raises(ValueError, match="mixture_log"):
+        head.predict(x[held])
+    again = ResidualHead.from_dict(head.to_dict())
+    assert again.form_ == "blend" and again.mixture_weight_ == head.mixture_weight_
+    np.testing.assert_allclose(again.predict(x[held], mix[held]), head.predict(x[held], mix[held]), rtol=1e-5, atol=1e-5)
+    assert head.describe()["mixture_weight"] == head.mixture_weight_
+    from cpnn.workflows.fit import residual_summary
+
+    assert f"blend, mixture weight {head.mixture_weight_:g}" in residual_summary(head)
+
+
+def test_model_offers_the_blend_form_when_asked_and_keeps_it_in_the_file(state_problem, tmp_path):
+    model = _fit(state_problem, "blend")
+    assert model.residual.forms == ("additive", "blend")
+    assert any(k.startswith("blend ") for k in model.residual.cv_scores_)
+    again = CPNN.load(model.save(tmp_path / "b.cpnn"))
+    assert again.residual.form_ == model.residual.form_ and again.residual.mixture_weight_ == model.residual.mixture_weight_
+    a, b = model.predict(state_problem["features"][300:]), again.predict(state_problem["features"][300:])
+    np.testing.assert_allclose(a["spot_expr"], b["spot_expr"], rtol=1e-5, atol=1e-7)

@@ -154,11 +154,12 @@ def register(sub) -> None:
     p.add_argument("--n-top-genes", type=positive_int, default=None, help="without --genes: the N most expressed (default 1000)")
     p.add_argument("--level", choices=["spot", "bulk"], default=None,
                    help="spot supervision, or bags: pseudo-bulk regions of spatial data, or whole slides with --bulk")
-    p.add_argument("--residual-head", choices=["none", "ridge", "stacked"], default=None,
+    p.add_argument("--residual-head", choices=["none", "ridge", "blend", "stacked"], default=None,
                    help="cell-state term on top of the cell-type mixture, kept only when inner "
                         "cross-validation over training sections says it helps (spot level); "
-                        "stacked: that cross-validation may also down-weight noisy mixture genes "
-                        "(a_g * mixture + ridge)")
+                        "blend: that cross-validation may also weight the mixture by one c < 1 "
+                        "(c * mixture + ridge: the mixture blended with a linear probe); "
+                        "stacked: it may down-weight noisy mixture genes one by one (a_g * mixture + ridge)")
     n = p.add_argument_group("options for a new patient's scan (recorded in the model; predict applies them)")
     n.add_argument("--slide-standardise", choices=["none", "center", "robust"], default=None,
                    help="standardise each slide's features on that slide's own statistics: subtract its mean "

@@ -14,7 +14,7 @@ LOSSES = ("nb", "poisson", "mse_log1p", "pearson")
 LEVELS = ("spot", "bulk")
 EARLY_STOPPING = ("val_loss", "val_pcc", "val_pcc_comp", "none")
 FEATURE_SCALING = ("robust", "standard", "none")
-RESIDUAL_HEADS = ("none", "ridge", "stacked")
+RESIDUAL_HEADS = ("none", "ridge", "blend", "stacked")
 
 
 @dataclass
@@ -60,10 +60,12 @@ class CPNNConfig:
         training, a ridge map from a spot's features to what the mixture leaves
         unexplained on log1p CP10k (cell states shared across types), kept only when
         inner cross-validation over the training groups says it improves the prediction
-        (:class:`cpnn.model.residual.ResidualHead`), or ``"stacked"``: the same inner
-        cross-validation may also choose the stacked form, ``a_g * mixture + ridge`` with
-        a non-negative mixture coefficient per gene. Spot level only; the cell-type
-        weights are never changed by it.
+        (:class:`cpnn.model.residual.ResidualHead`); ``"blend"``: the same inner
+        cross-validation may also choose ``c * mixture + ridge`` with one mixture weight
+        ``c`` in (0.75, 0.5, 0.25) for every gene (the mixture blended with a linear probe);
+        or ``"stacked"``: it may choose ``a_g * mixture + ridge`` with a non-negative
+        mixture coefficient per gene. Spot level only; the cell-type weights are never
+        changed by it.
     """
 
     hidden: Tuple[int, ...] = (1024, 512)

@@ -254,7 +254,8 @@ def _residual_info(head) -> Dict[str, Any]:
     described = {} if head is None else head.describe()
     quantiles = described.get("mixture_coef_quantiles_10_50_90")
     return {"residual_alpha": described.get("alpha"), "residual_form": described.get("form"),
-            "residual_mixture_coef_median": None if quantiles is None else quantiles[1]}
+            "residual_mixture_coef_median": None if quantiles is None else quantiles[1],
+            "residual_mixture_weight": described.get("mixture_weight")}
 
 
 @register_method("ridge", options=("alphas", "n_components", "n_inner_folds", "seed"))

@@ -125,7 +125,7 @@ class CPNN:
         self.scaler: Optional[FeatureScaler] = None
         self.log_platform_factor: Optional[np.ndarray] = None
         self.split: Dict[str, list] = {}
-        self.residual = None  # ResidualHead when config.residual_head is "ridge" or "stacked"
+        self.residual = None  # ResidualHead when config.residual_head is not "none"
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -326,7 +326,7 @@ class CPNN:
                     "early stopping on) or use residual_head='none'")
         mix = oof_sum[rows] / oof_n[rows, None]
         head_groups = None if groups is None else np.asarray(groups)[rows]
-        forms = ("additive", "stacked") if self.config.residual_head == "stacked" else ("additive",)
+        forms = ("additive",) + ((self.config.residual_head,) if self.config.residual_head in ("blend", "stacked") else ())
         head = ResidualHead(seed=self.train_config.seed, forms=forms).fit(
             data.bag_means()[rows], composition_log1p(mix), log1p_cp10k(counts[rows]), head_groups)
         head.oof_fraction_ = float(len(rows) / data.n_bags)

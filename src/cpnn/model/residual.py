@@ -12,6 +12,11 @@ not seen rather than the networks' training error.
 Two forms, both on log1p CP10k (``m`` the mixture, ``x`` the features):
 
 - ``additive``: ``m + ridge(x)``, the mixture kept as it is;
+- ``blend``: ``c * m + ridge(x)`` with **one** mixture weight ``c`` for every gene, taken
+  from :data:`BLEND_WEIGHTS` by the same inner cross-validation, the ridge fitted on
+  ``y - c * m``. For one penalty this is exactly the average of the additive model and a
+  linear probe of ``y`` weighted ``c : 1 - c`` (ridge is linear in its targets), so it
+  hedges the mixture with a probe on the same features: one number learnt, not one per gene;
 - ``stacked``: ``a_g * m + ridge(x)`` with one unpenalised, non-negative mixture
   coefficient per gene, fitted jointly with the ridge (a stacking of the mixture and a
   linear probe). Where the mixture's prediction of a gene is noisy on held-out tissue its
@@ -33,7 +38,10 @@ import numpy as np
 from .probes import DEFAULT_ALPHA_GRID, RidgeProbe, _mean_pearson, inner_folds
 
 #: the head's forms, simplest first (ties in the inner cross-validation keep the earlier)
-HEAD_FORMS = ("off", "additive", "stacked")
+HEAD_FORMS = ("off", "additive", "blend", "stacked")
+
+#: mixture weights ``c`` the ``blend`` form chooses among (``c = 1`` is the additive form)
+BLEND_WEIGHTS = (0.75, 0.5, 0.25)
 
 
 def stacked_ridge_path(p: np.ndarray, m: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> list:
@@ -92,7 +100,8 @@ class ResidualHead:
         For the inner folds when there are no groups.
     forms
         Head forms the inner cross-validation may choose besides "off"
-        (``"additive"``, ``"stacked"``); ``CPNNConfig.residual_head="stacked"`` offers both.
+        (``"additive"``, ``"blend"``, ``"stacked"``); ``CPNNConfig.residual_head="blend"``
+        or ``"stacked"`` offers that form besides the additive one.
     """
 
     def __init__(self, n_components: int = 256, alphas: Sequence[float] = DEFAULT_ALPHA_GRID,
@@ -109,6 +118,7 @@ class ResidualHead:
         self.alpha_: Optional[float] = None  # None: off
         self.form_: str = "off"
         self.mixture_coef_: Optional[np.ndarray] = None  # (G,) in the stacked form
+        self.mixture_weight_: Optional[float] = None  # c in the blend form
         self.cv_scores_: Dict[str, float] = {}
         self.oof_fraction_: Optional[float] = None  # share of training bags with an out-of-fold mixture
         self._probe: Optional[RidgeProbe] = None
@@ -143,7 +153,8 @@ class ResidualHead:
         usable = [f for f in folds if (~f).sum() >= 3 and f.sum() >= 2]  # Pearson needs a few rows
         probe = RidgeProbe(n_components=self.n_components, alphas=self.alphas, seed=self.seed)
         off = 0.0
-        scores = {form: np.zeros(len(self.alphas)) for form in self.forms}
+        scores = {form: np.zeros(len(self.alphas)) for form in self.forms if form != "blend"}
+        blend_scores = {"blend": np.zeros((len(BLEND_WEIGHTS), len(self.alphas)))} if "blend" in self.forms else {}
         for test in usable:
             tr = ~test
             mean, std, comps = probe._fit_transform_basis(x[tr])
@@ -154,24 +165,44 @@ class ResidualHead:
                 for i in range(len(self.alphas)):
                     pred = base[test] + p_te @ coefs[i] + inters[i]
                     scores["additive"][i] += _mean_pearson(pred, y[test]) / n_folds
+            for w, c in enumerate(BLEND_WEIGHTS if "blend" in blend_scores else ()):
+                coefs, inters = probe._ridge_path(p_tr, y[tr] - c * base[tr], self.alphas)
+                for i in range(len(self.alphas)):
+                    pred = c * base[test] + p_te @ coefs[i] + inters[i]
+                    blend_scores["blend"][w, i] += _mean_pearson(pred, y[test]) / n_folds
             if "stacked" in scores:
                 for i, (c, coef, inter) in enumerate(stacked_ridge_path(p_tr, base[tr], y[tr], self.alphas)):
                     pred = c * base[test] + p_te @ coef + inter
                     scores["stacked"][i] += _mean_pearson(pred, y[test]) / n_folds
         self.cv_scores_ = {"off": float(off)}
-        for form in self.forms:
+        for form in scores:
             prefix = "" if form == "additive" else "stacked "  # additive keys stay bare penalties
             self.cv_scores_.update({f"{prefix}{a!r}": float(s) for a, s in zip(self.alphas, scores[form])})
-        best_form, best_alpha, best = "off", None, off
+        for w, c in enumerate(BLEND_WEIGHTS if "blend" in blend_scores else ()):
+            self.cv_scores_.update({f"blend {c!r} {a!r}": float(s)
+                                    for a, s in zip(self.alphas, blend_scores["blend"][w])})
+        best_form, best_alpha, best_weight, best = "off", None, None, off
         for form in self.forms:  # strict improvement: ties keep the simpler form
+            if form == "blend":
+                table = blend_scores["blend"]
+                if np.isfinite(table).any():
+                    w, i = np.unravel_index(int(np.nanargmax(table)), table.shape)
+                    if table[w, i] > best:
+                        best_form, best_alpha, best_weight = "blend", self.alphas[i], BLEND_WEIGHTS[w]
+                        best = float(table[w, i])
+                continue
             i = int(np.nanargmax(scores[form])) if np.isfinite(scores[form]).any() else -1
             if i >= 0 and scores[form][i] > best:
-                best_form, best_alpha, best = form, self.alphas[i], float(scores[form][i])
+                best_form, best_alpha, best_weight, best = form, self.alphas[i], None, float(scores[form][i])
         if best_form == "off":
             return self
         self.form_, self.alpha_ = best_form, best_alpha
         if best_form == "additive":
             self._probe = probe.fit_alpha(x, y - base, best_alpha)
+            return self
+        if best_form == "blend":
+            self.mixture_weight_ = float(best_weight)
+            self._probe = probe.fit_alpha(x, y - best_weight * base, best_alpha)
             return self
         fitted = RidgeProbe(n_components=self.n_components, alphas=[best_alpha])
         fitted.alpha_ = best_alpha
@@ -187,10 +218,11 @@ class ResidualHead:
         if self._probe is None:
             raise RuntimeError("the residual head is off or not fitted; check .active first")
         out = self._probe.predict(features)
-        if self.form_ == "stacked":
+        if self.form_ in ("stacked", "blend"):
             if mixture_log is None:
-                raise ValueError("the stacked residual head needs the mixture's log1p CP10k (mixture_log)")
-            out = out + (self.mixture_coef_ - 1.0) * np.asarray(mixture_log, dtype=np.float64)
+                raise ValueError(f"the {self.form_} residual head needs the mixture's log1p CP10k (mixture_log)")
+            coef = self.mixture_coef_ if self.form_ == "stacked" else self.mixture_weight_
+            out = out + (coef - 1.0) * np.asarray(mixture_log, dtype=np.float64)
         return out
 
     def correct(self, composition: np.ndarray, features: np.ndarray) -> np.ndarray:
@@ -207,6 +239,8 @@ class ResidualHead:
         """What the inner cross-validation chose, for metrics files."""
         out: Dict[str, Any] = {"active": self.active, "form": self.form_, "alpha": self.alpha_,
                                "forms_offered": list(self.forms)}
+        if self.mixture_weight_ is not None:
+            out["mixture_weight"] = self.mixture_weight_
         if self.mixture_coef_ is not None:
             q = np.quantile(self.mixture_coef_, [0.1, 0.5, 0.9])
             out["mixture_coef_quantiles_10_50_90"] = [round(float(v), 4) for v in q]
@@ -225,6 +259,8 @@ class ResidualHead:
                        intercept=p.intercept_.astype(np.float32))
             if self.mixture_coef_ is not None:
                 out["mixture_coef"] = self.mixture_coef_.astype(np.float32)
+            if self.mixture_weight_ is not None:
+                out["mixture_weight"] = float(self.mixture_weight_)
         return out
 
     @classmethod
@@ -243,5 +279,7 @@ class ResidualHead:
             p.coef_, p.intercept_ = np.asarray(d["coef"], np.float64), np.asarray(d["intercept"], np.float64)
             if head.form_ == "stacked":
                 head.mixture_coef_ = np.asarray(d["mixture_coef"], np.float64)
+            if head.form_ == "blend":
+                head.mixture_weight_ = float(d["mixture_weight"])
             head._probe = p
         return head

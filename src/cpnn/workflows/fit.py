@@ -334,6 +334,8 @@ def residual_summary(head) -> str:
         form = described["form"]
         if "mixture_coef_quantiles_10_50_90" in described:
             form += f", median mixture coefficient {described['mixture_coef_quantiles_10_50_90'][1]:.2f}"
+        if described.get("mixture_weight") is not None:
+            form += f", mixture weight {described['mixture_weight']:g}"
         return f"residual head: kept ({form}), penalty {head.alpha_:g}" + (f" ({detail})" if detail else "")
     detail = f" (inner-CV Pearson without it {off:.3f}: no form or penalty did better)" if off is not None else ""
     return "residual head: off" + detail
