@@ -127,13 +127,16 @@ def test_fit_predict_round_trip_applies_the_recorded_option(cohort_files, option
                                         "macenko": "stain_norm"}[option]] not in ("none", False)
 
 
-def test_cli_offers_the_stacked_residual_head_when_asked(cohort_files, one_torch_thread):
+@pytest.mark.parametrize("form", ["stacked", "blend"])
+def test_cli_offers_the_other_residual_head_forms_when_asked(cohort_files, one_torch_thread, form):
     root, h5 = cohort_files
-    run, pred = _fit_predict(root, h5, "stacked", ["--residual-head", "stacked"])
+    run, pred = _fit_predict(root, h5, form, ["--residual-head", form])
     record = json.loads((run / "metrics.json").read_text())["residual_head"]
-    assert record["forms_offered"] == ["additive", "stacked"]
-    assert any(k.startswith("stacked ") for k in record["inner_cv_pearson"])  # the form was scored
+    assert record["forms_offered"] == ["additive", form]
+    assert any(k.startswith(f"{form} ") for k in record["inner_cv_pearson"])  # the form was scored
     assert pred.uns["cpnn"]["residual_head"]["form"] == record["form"]
+    if record["form"] == "blend":
+        assert pred.uns["cpnn"]["residual_head"]["mixture_weight"] == record["mixture_weight"]
 
 
 def test_whole_slide_prediction_refuses_patch_options_it_cannot_apply(cohort_files):

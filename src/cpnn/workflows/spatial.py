@@ -542,6 +542,8 @@ def prediction_anndata(model, sample: SpatialSample, image_max_px: int = 2000):
     if model.residual is not None:
         pred.uns[UNS]["residual_head"] = {"active": bool(model.residual.active), "form": model.residual.form_,
                                           "alpha": model.residual.alpha_ if model.residual.active else "off"}
+        if model.residual.mixture_weight_ is not None:
+            pred.uns[UNS]["residual_head"]["mixture_weight"] = float(model.residual.mixture_weight_)
     if SUBPATCH_WEIGHTS in pred.obsm:
         pred.uns[UNS]["subpatches"] = _subpatch_layout(pred.obsm[SUBPATCH_WEIGHTS].shape[1], model.encoder,
                                                        info.get("mpp"))
