@@ -242,3 +242,31 @@ def test_patient_transfer_choices_see_only_the_training_patients_sections(spy, c
 def test_patient_transfer_needs_section_groups():
     with pytest.raises(CPNNInputError, match="sections"):
         _cfg([{"name": "r", "kind": "ridge"}], split={"by": "patient", "scheme": "patient_transfer"})
+
+
+def test_one_se_rule_keeps_the_first_candidate_unless_the_inner_folds_resolve_the_gain():
+    from cpnn.evaluate.selection import choose
+
+    tie = [{"mean": 0.271, "folds": [0.26, 0.282]}, {"mean": 0.272, "folds": [0.250, 0.294]}]
+    assert choose(tie, "best") == 1  # the best mean wins by 0.001
+    assert choose(tie, "one_se") == 0  # d = (-0.010, +0.012): mean 0.001 < its standard error
+    clear = [{"mean": 0.20, "folds": [0.19, 0.21, 0.20]}, {"mean": 0.25, "folds": [0.245, 0.26, 0.245]},
+             {"mean": 0.26, "folds": [0.20, 0.40, 0.18]}]
+    assert choose(clear, "best") == 2
+    assert choose(clear, "one_se") == 1  # candidate 2's gain is not resolved, candidate 1's is
+    assert choose([{"mean": 0.1, "folds": [0.1]}, {"mean": 0.3, "folds": [0.3]}], "one_se") == 0  # one fold: no SE
+    with pytest.raises(CPNNInputError, match="rule"):
+        choose(tie, "median")
+
+
+def test_one_se_rule_reaches_the_benchmark_and_its_report(spy, cohort, tmp_path):
+    samples, calls, state, patient_of = spy
+    cfg = _cfg([{"name": "spy", "kind": "spy", "candidates": {"mode": ["honest", "oracle"]}}],
+               selection={"rule": "one_se"})
+    res = run_benchmark(BenchmarkData(samples, reference=cohort.reference), cfg, tmp_path / "r", progress=False,
+                        folds=[0])
+    assert set(res.results["selected"]) == {json.dumps({"mode": "honest"})}
+    assert res.meta["selection"]["rule"] == "one_se"
+    assert "Rule `one_se`" in (tmp_path / "r" / "report.md").read_text()
+    with pytest.raises(CPNNInputError, match="selection.rule"):
+        _cfg([{"name": "r", "kind": "ridge"}], selection={"rule": "median"})

@@ -38,7 +38,7 @@ from .genesets import kmeans_labels, read_gene_list, select_gene_set
 from .benchmark_data import BenchmarkData
 from .methods import MethodContext, TestData, TrainData, get_method
 from .metrics import composition_agreement, expression_metrics, to_log1p_cp10k
-from .selection import DEFAULT_SELECTION, Selection, candidate_grid, describe, select
+from .selection import DEFAULT_SELECTION, SELECTION_RULES, Selection, candidate_grid, describe, select
 
 #: stereoscope's ``major`` names in HER2ST vs ``celltype_major`` of the Wu et al. atlas
 HER2ST_MAJOR_MAPPING = {"Cancer Epithelial": "Epithelial", "Normal Epithelial": "Epithelial",
@@ -117,6 +117,9 @@ def resolve_config(cfg: Dict[str, Any], data_dir: Optional[str] = None) -> Dict[
     if unknown:
         raise CPNNInputError(f"unknown selection option(s) {sorted(unknown)}", field="selection",
                              fix=f"use {', '.join(DEFAULT_SELECTION)}")
+    if sel["rule"] not in SELECTION_RULES:
+        raise CPNNInputError(f"unknown selection.rule {sel['rule']!r}", field="selection.rule",
+                             fix=f"use one of {', '.join(SELECTION_RULES)}")
     if int(sel["max_inner_folds"]) < 2:
         raise CPNNInputError(f"selection.max_inner_folds must be >= 2, got {sel['max_inner_folds']}",
                              field="selection.max_inner_folds", fix="use e.g. 4")
@@ -613,7 +616,8 @@ def run_benchmark(
                                           (y_all[tri], totals[tri], candidates) if wants_more_genes else None,
                                           {k: x_variants[k][tri] for k in _feature_variant_names([m])}),
                             train.groups, metric=sel_cfg["metric"], max_inner_folds=int(sel_cfg["max_inner_folds"]),
-                            seed=seed, val_fraction=float(cfg["split"].get("val_fraction", 0.2)), log=log)
+                            seed=seed, val_fraction=float(cfg["split"].get("val_fraction", 0.2)), log=log,
+                            rule=str(sel_cfg["rule"]))
                     selected = selections[skey]
                     opts = {**opts, **selected.choice}
                     log(f"fold {fold['fold']} {gs['name']} {m['name']}: chose {describe(selected.choice)} "
@@ -673,6 +677,7 @@ def run_benchmark(
         "composition_mapping": mapping, "data_kind": cfg["data"]["kind"],
     }
     meta["selection"] = {"metric": sel_cfg["metric"], "max_inner_folds": int(sel_cfg["max_inner_folds"]),
+                         "rule": str(sel_cfg["rule"]),
                          "methods": [m["name"] for m in method_cfgs if len(grids[m["name"]]) > 1]}
     res = BenchmarkResult(results, per_gene, splits, gene_sets_used, meta, predictions)
     if out is not None:

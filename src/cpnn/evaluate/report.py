@@ -261,6 +261,9 @@ def write_report(out: Path, res, cfg: Dict[str, Any], data) -> Path:
         "",
     ]
     sel_lines = markdown_selection(res.results, (res.meta.get("selection") or {}).get("metric", "scc_mean"))
+    if sel_lines and (res.meta.get("selection") or {}).get("rule") == "one_se":
+        sel_lines = ["Rule `one_se`: a candidate replaces the first one listed only when it beats it by more than one "
+                     "standard error of their paired inner-fold differences.", "", *sel_lines]
     if sel_lines:
         lines += ["## Nested selection", "", *sel_lines]
     if figs:

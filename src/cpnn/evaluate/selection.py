@@ -10,7 +10,10 @@ the outer test fold. The outer test fold is never seen by a choice: it is not in
 arrays handed to :func:`select` at all.
 
 Ties keep the first candidate in list order, so the first value of each list is the
-preference when the data cannot tell the candidates apart.
+preference when the data cannot tell the candidates apart. ``rule: one_se`` makes that
+preference firmer: another candidate replaces the first only when it beats it by more than
+one standard error of their paired per-inner-fold differences (:func:`choose`), so a
+difference the inner folds cannot resolve never changes a default.
 """
 from __future__ import annotations
 
@@ -24,8 +27,36 @@ import numpy as np
 from ..errors import CPNNInputError
 
 #: the ``selection:`` section of a benchmark config
-DEFAULT_SELECTION: Dict[str, Any] = {"metric": "scc_mean", "max_inner_folds": 4, "max_candidates": 32}
+DEFAULT_SELECTION: Dict[str, Any] = {"metric": "scc_mean", "max_inner_folds": 4, "max_candidates": 32,
+                                     "rule": "best"}
 SELECTION_METRICS = ("scc_mean", "pcc_mean", "scc_median", "pcc_median")
+SELECTION_RULES = ("best", "one_se")
+
+
+def choose(table: List[Dict[str, Any]], rule: str = "best") -> int:
+    """Index of the winning candidate of a selection ``table`` (``options``, ``mean``, ``folds``).
+
+    ``best``: the highest mean inner score; ties keep the earlier candidate.
+    ``one_se``: the first candidate (the preferred one, e.g. the current default) unless
+    another beats it on the paired per-inner-fold differences ``d_k = score_k - first_k`` by
+    more than one standard error, ``mean(d) > sd(d) / sqrt(K)``; among those that do, the
+    highest mean. With fewer than two usable inner folds there is no standard error and
+    the first candidate is kept.
+    """
+    if rule not in SELECTION_RULES:
+        raise CPNNInputError(f"unknown selection rule {rule!r}", field="selection.rule",
+                             fix=f"use one of {', '.join(SELECTION_RULES)}")
+    best = max(range(len(table)), key=lambda i: (table[i]["mean"], -i))
+    if rule == "best":
+        return best
+    first = np.asarray(table[0]["folds"], dtype=np.float64)
+    winners = []
+    for i in range(1, len(table)):
+        d = np.asarray(table[i]["folds"], dtype=np.float64) - first
+        d = d[np.isfinite(d)]
+        if len(d) >= 2 and d.mean() > d.std(ddof=1) / np.sqrt(len(d)):
+            winners.append(i)
+    return max(winners, key=lambda i: (table[i]["mean"], -i)) if winners else 0
 
 
 def candidate_grid(candidates: Dict[str, Sequence[Any]], where: str = "methods[].candidates",
@@ -115,6 +146,7 @@ def select(
     seed: int = 0,
     val_fraction: float = 0.2,
     log: Optional[Callable[[str], None]] = None,
+    rule: str = "best",
 ) -> Selection:
     """Score every candidate on inner folds of the training groups; keep the best.
 
@@ -134,11 +166,14 @@ def select(
         See :func:`inner_splits`.
     log
         Optional progress callback.
+    rule
+        ``"best"`` or ``"one_se"`` (see :func:`choose`).
 
     Returns
     -------
     Selection
     """
+    choose([{"mean": 0.0, "folds": []}], rule)  # a bad rule fails before any training
     if metric not in SELECTION_METRICS:
         raise CPNNInputError(f"unknown selection metric {metric!r}", field="selection.metric",
                              fix=f"use one of {', '.join(SELECTION_METRICS)}")
@@ -159,6 +194,6 @@ def select(
                     f"(held out {','.join(map(str, f['test_groups']))}): {metric} {scores[-1]:.3f}")
         mean = float(np.nanmean(scores)) if np.isfinite(scores).any() else float("-inf")
         table.append({"options": options, "mean": mean, "folds": scores})
-    best = max(range(len(grid)), key=lambda i: (table[i]["mean"], -i))
+    best = choose(table, rule)
     return Selection(grid[best], table[best]["mean"], metric, table,
                      [list(map(str, f["test_groups"])) for f in folds])
