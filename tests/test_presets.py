@@ -14,7 +14,8 @@ from cpnn.presets import PRESETS, get_preset
 OLD_SPOT_MODEL = dict(hidden=[256], dropout=0.25, loss="mse_log1p", composition_weight=1e3,
                       template_weight=1e3, residual_head="ridge")
 OLD_SPOT_TRAIN = dict(max_epochs=200, batch_size=64, lr=1e-3, weight_decay=1e-2, patience=30,
-                      early_stopping="val_pcc", n_models=4, val_fraction=0.25)
+                      early_stopping="val_pcc", n_models=8, val_fraction=0.25)
+# ... except the spot ensemble size, re-derived by nested selection (issue 13): 4 -> 8
 
 
 def _fit_args(**over):
@@ -39,7 +40,7 @@ def test_entry_points_keep_their_values():
     bulk = FitOptions(reference="r.h5ad", level="bulk")
     assert bulk.preset == "bulk" and bulk.train_config().batch_size == 8
     assert bulk.model_config().residual_head == "none"
-    assert {**config_to_dict(bulk.train_config()), "batch_size": 64} == spot_train
+    assert {**config_to_dict(bulk.train_config()), "batch_size": 64, "n_models": 8} == spot_train
     cfg, tc = cpnn_configs({}, seed=0)
     assert config_to_dict(cfg) == spot_model
     assert {**config_to_dict(tc), "progress": True} == {**spot_train, "progress": True}
