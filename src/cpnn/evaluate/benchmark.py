@@ -38,7 +38,7 @@ from .genesets import kmeans_labels, read_gene_list, select_gene_set
 from .benchmark_data import BenchmarkData
 from .methods import MethodContext, TestData, TrainData, get_method
 from .metrics import composition_agreement, expression_metrics, to_log1p_cp10k
-from .selection import DEFAULT_SELECTION, SELECTION_RULES, Selection, candidate_grid, describe, select
+from .selection import DEFAULT_SELECTION, Selection, candidate_grid, check_rule, describe, select
 
 #: stereoscope's ``major`` names in HER2ST vs ``celltype_major`` of the Wu et al. atlas
 HER2ST_MAJOR_MAPPING = {"Cancer Epithelial": "Epithelial", "Normal Epithelial": "Epithelial",
@@ -117,9 +117,7 @@ def resolve_config(cfg: Dict[str, Any], data_dir: Optional[str] = None) -> Dict[
     if unknown:
         raise CPNNInputError(f"unknown selection option(s) {sorted(unknown)}", field="selection",
                              fix=f"use {', '.join(DEFAULT_SELECTION)}")
-    if sel["rule"] not in SELECTION_RULES:
-        raise CPNNInputError(f"unknown selection.rule {sel['rule']!r}", field="selection.rule",
-                             fix=f"use one of {', '.join(SELECTION_RULES)}")
+    check_rule(sel["rule"])
     if int(sel["max_inner_folds"]) < 2:
         raise CPNNInputError(f"selection.max_inner_folds must be >= 2, got {sel['max_inner_folds']}",
                              field="selection.max_inner_folds", fix="use e.g. 4")

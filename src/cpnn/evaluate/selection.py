@@ -33,6 +33,14 @@ SELECTION_METRICS = ("scc_mean", "pcc_mean", "scc_median", "pcc_median")
 SELECTION_RULES = ("best", "one_se")
 
 
+def check_rule(rule: str) -> str:
+    """``rule`` if it is one of :data:`SELECTION_RULES`, else a CPNNInputError naming them."""
+    if rule not in SELECTION_RULES:
+        raise CPNNInputError(f"unknown selection rule {rule!r}", field="selection.rule",
+                             fix=f"use one of {', '.join(SELECTION_RULES)}")
+    return rule
+
+
 def choose(table: List[Dict[str, Any]], rule: str = "best") -> int:
     """Index of the winning candidate of a selection ``table`` (``options``, ``mean``, ``folds``).
 
@@ -43,9 +51,7 @@ def choose(table: List[Dict[str, Any]], rule: str = "best") -> int:
     highest mean. With fewer than two usable inner folds there is no standard error and
     the first candidate is kept.
     """
-    if rule not in SELECTION_RULES:
-        raise CPNNInputError(f"unknown selection rule {rule!r}", field="selection.rule",
-                             fix=f"use one of {', '.join(SELECTION_RULES)}")
+    check_rule(rule)
     best = max(range(len(table)), key=lambda i: (table[i]["mean"], -i))
     if rule == "best":
         return best
@@ -173,7 +179,7 @@ def select(
     -------
     Selection
     """
-    choose([{"mean": 0.0, "folds": []}], rule)  # a bad rule fails before any training
+    check_rule(rule)  # before any training
     if metric not in SELECTION_METRICS:
         raise CPNNInputError(f"unknown selection metric {metric!r}", field="selection.metric",
                              fix=f"use one of {', '.join(SELECTION_METRICS)}")

@@ -43,6 +43,9 @@ HEAD_FORMS = ("off", "additive", "blend", "stacked")
 #: mixture weights ``c`` the ``blend`` form chooses among (``c = 1`` is the additive form)
 BLEND_WEIGHTS = (0.75, 0.5, 0.25)
 
+#: forms that keep one mixture weight for every gene, and the weights each may use
+_FIXED_WEIGHTS = {"additive": (1.0,), "blend": BLEND_WEIGHTS}
+
 
 def stacked_ridge_path(p: np.ndarray, m: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> list:
     """The stacked form for every penalty, from one SVD of the projected features.
@@ -153,55 +156,46 @@ class ResidualHead:
         usable = [f for f in folds if (~f).sum() >= 3 and f.sum() >= 2]  # Pearson needs a few rows
         probe = RidgeProbe(n_components=self.n_components, alphas=self.alphas, seed=self.seed)
         off = 0.0
-        scores = {form: np.zeros(len(self.alphas)) for form in self.forms if form != "blend"}
-        blend_scores = {"blend": np.zeros((len(BLEND_WEIGHTS), len(self.alphas)))} if "blend" in self.forms else {}
+        # one row per fixed mixture weight (additive: c = 1, blend: each of BLEND_WEIGHTS;
+        # stacked: one row, its weights fitted per gene), one column per penalty
+        weights = {form: _FIXED_WEIGHTS.get(form, (None,)) for form in self.forms}
+        scores = {form: np.zeros((len(weights[form]), len(self.alphas))) for form in self.forms}
         for test in usable:
             tr = ~test
             mean, std, comps = probe._fit_transform_basis(x[tr])
             p_tr, p_te = probe._project(x[tr], mean, std, comps), probe._project(x[test], mean, std, comps)
             off += _mean_pearson(base[test], y[test]) / n_folds
-            if "additive" in scores:
-                coefs, inters = probe._ridge_path(p_tr, y[tr] - base[tr], self.alphas)
-                for i in range(len(self.alphas)):
-                    pred = base[test] + p_te @ coefs[i] + inters[i]
-                    scores["additive"][i] += _mean_pearson(pred, y[test]) / n_folds
-            for w, c in enumerate(BLEND_WEIGHTS if "blend" in blend_scores else ()):
-                coefs, inters = probe._ridge_path(p_tr, y[tr] - c * base[tr], self.alphas)
-                for i in range(len(self.alphas)):
-                    pred = c * base[test] + p_te @ coefs[i] + inters[i]
-                    blend_scores["blend"][w, i] += _mean_pearson(pred, y[test]) / n_folds
-            if "stacked" in scores:
-                for i, (c, coef, inter) in enumerate(stacked_ridge_path(p_tr, base[tr], y[tr], self.alphas)):
-                    pred = c * base[test] + p_te @ coef + inter
-                    scores["stacked"][i] += _mean_pearson(pred, y[test]) / n_folds
+            for form in self.forms:
+                if form == "stacked":
+                    for i, (c, coef, inter) in enumerate(stacked_ridge_path(p_tr, base[tr], y[tr], self.alphas)):
+                        pred = c * base[test] + p_te @ coef + inter
+                        scores[form][0, i] += _mean_pearson(pred, y[test]) / n_folds
+                    continue
+                for w, c in enumerate(weights[form]):  # the ridge path of y - c * m
+                    coefs, inters = probe._ridge_path(p_tr, y[tr] - c * base[tr], self.alphas)
+                    for i in range(len(self.alphas)):
+                        pred = c * base[test] + p_te @ coefs[i] + inters[i]
+                        scores[form][w, i] += _mean_pearson(pred, y[test]) / n_folds
         self.cv_scores_ = {"off": float(off)}
-        for form in scores:
-            prefix = "" if form == "additive" else "stacked "  # additive keys stay bare penalties
-            self.cv_scores_.update({f"{prefix}{a!r}": float(s) for a, s in zip(self.alphas, scores[form])})
-        for w, c in enumerate(BLEND_WEIGHTS if "blend" in blend_scores else ()):
-            self.cv_scores_.update({f"blend {c!r} {a!r}": float(s)
-                                    for a, s in zip(self.alphas, blend_scores["blend"][w])})
+        for form in self.forms:
+            for w, c in enumerate(weights[form]):
+                # keys: bare penalties (additive), "blend <c> <penalty>", "stacked <penalty>"
+                prefix = {"additive": "", "blend": f"blend {c!r} ", "stacked": "stacked "}[form]
+                self.cv_scores_.update({f"{prefix}{a!r}": float(v) for a, v in zip(self.alphas, scores[form][w])})
         best_form, best_alpha, best_weight, best = "off", None, None, off
         for form in self.forms:  # strict improvement: ties keep the simpler form
-            if form == "blend":
-                table = blend_scores["blend"]
-                if np.isfinite(table).any():
-                    w, i = np.unravel_index(int(np.nanargmax(table)), table.shape)
-                    if table[w, i] > best:
-                        best_form, best_alpha, best_weight = "blend", self.alphas[i], BLEND_WEIGHTS[w]
-                        best = float(table[w, i])
+            table = scores[form]
+            if not np.isfinite(table).any():
                 continue
-            i = int(np.nanargmax(scores[form])) if np.isfinite(scores[form]).any() else -1
-            if i >= 0 and scores[form][i] > best:
-                best_form, best_alpha, best_weight, best = form, self.alphas[i], None, float(scores[form][i])
+            w, i = np.unravel_index(int(np.nanargmax(table)), table.shape)
+            if table[w, i] > best:
+                best_form, best_alpha, best_weight, best = form, self.alphas[i], weights[form][w], float(table[w, i])
         if best_form == "off":
             return self
         self.form_, self.alpha_ = best_form, best_alpha
-        if best_form == "additive":
-            self._probe = probe.fit_alpha(x, y - base, best_alpha)
-            return self
-        if best_form == "blend":
-            self.mixture_weight_ = float(best_weight)
+        if best_form != "stacked":
+            if best_form == "blend":
+                self.mixture_weight_ = float(best_weight)
             self._probe = probe.fit_alpha(x, y - best_weight * base, best_alpha)
             return self
         fitted = RidgeProbe(n_components=self.n_components, alphas=[best_alpha])
